@@ -342,11 +342,13 @@ def capture(model: nn.Module, example_inputs: Any, source: str | None = None) ->
         errors.append(f"torch.fx: {type(e).__name__}: {_first_line(e)}")
     if gm is not None:
         try:
-            return FxGraph(gm, inputs, source, training)  # runs the graph once (shape propagation)
+            with torch.no_grad():
+                gm(*inputs)
         except Exception as e:  # noqa: BLE001
             raise InputShapeError(
                 f"{source}: running the model on example inputs of shape {shapes} failed: "
                 f"{type(e).__name__}: {_first_line(e)}. Check the input shape (--input-shape).") from e
+        return FxGraph(gm, inputs, source, training)
     try:
         gm = torch.export.export(model, inputs).module()
         return FxGraph(gm, inputs, source, training)
