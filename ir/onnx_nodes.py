@@ -10,7 +10,8 @@ from .torch_modules import tt_equations
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
+    array = np.asarray(array)
+    return numpy_helper.from_array(np.ascontiguousarray(array, dtype=array.dtype if array.dtype.kind == "i" else np.float32), name)
 
 
 def spec_nodes(spec: Spec, x: str, y: str, prefix: str, in_rank: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:

@@ -55,7 +55,10 @@ def evbmf(matrix: np.ndarray, sigma2: float | None = None, H: int | None = None)
     tau_bar = TAU_BAR_SCALE * math.sqrt(alpha)
     x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
 
-    values = np.linalg.svd(Y, compute_uv=False)[:H]
+    # singular values from the L x L Gram matrix: ~10x faster than an SVD of a wide unfolding
+    # (512 x 4608 here), and precise enough for a rank threshold
+    gram_eigenvalues = np.linalg.eigvalsh(Y @ Y.T)[::-1]
+    values = np.sqrt(np.clip(gram_eigenvalues, 0.0, None))[:H]
     values2 = values ** 2
     residual = max(float(np.sum(Y ** 2) - np.sum(values2)), 0.0)
     reliable = True

@@ -87,8 +87,10 @@ class Report:
             table.add_column(column, overflow="fold")
         for p in self.passes:
             for r in p.records:
+                unchanged = r.action == "skipped"
                 table.add_row(p.name, r.layer, r.action, r.reason or r.method,
-                              _arrow(r.params_before, r.params_after), _arrow(r.flops_before, r.flops_after),
+                              _human(r.params_before) if unchanged and r.params_before else _arrow(r.params_before, r.params_after),
+                              _human(r.flops_before) if unchanged and r.flops_before else _arrow(r.flops_before, r.flops_after),
                               _err(r.error_random, r.error_calibration))
         table.add_section()
         table.add_row("total", "", "", "", _arrow(self.params_before, self.params_after),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import tensorly as tl
@@ -35,7 +36,9 @@ def cp_als(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 5
     if init not in ("svd", "random"):
         raise PipelineError(f"cp: init must be 'svd' or 'random', got {init!r}")
     tensor = np.asarray(tensor, dtype=np.float64)
-    with tl.backend_context("numpy"):
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # svd init with rank > a mode's size pads that factor with random columns: expected here
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         weights, factors = parafac(tensor, rank, init=init, n_iter_max=n_iter_max, tol=tol,
                                    random_state=random_state, normalize_factors=False)
     return np.asarray(weights, dtype=np.float64), [np.asarray(f, dtype=np.float64) for f in factors]
@@ -95,7 +98,7 @@ def check_cp(spec: Spec, variant: str = "cp3") -> str | None:
     if not isinstance(spec, Conv):
         return f"cp factors convs, not {type(spec).__name__}"
     if spec.is_depthwise or spec.weight.shape[1] == 1:
-        return "depthwise conv: one input channel per group, nothing to factor"
+        return "depthwise conv (one input channel per group), nothing to factor"
     if variant == "cp4" and spec.spatial_dims != 2:
         return "cp4 needs a 2-D conv (use cp3 for 1-D)"
     return None

@@ -76,7 +76,9 @@ def _constrained_least_norm(y_norm2: float, gram: np.ndarray, product: np.ndarra
         mu = 0.0  # the least-squares solution is already on (or past) the bound
     else:
         low, high = 0.0, max(float(eigvals.max()), 1e-12)
-        while error2(high) < bound2:
+        for _ in range(_BISECTION_STEPS):  # error2 -> ||Y||^2 > bound2 as mu grows: a bracket exists
+            if error2(high) >= bound2:
+                break
             low, high = high, 2 * high
         for _ in range(_BISECTION_STEPS):
             middle = 0.5 * (low + high)

@@ -36,8 +36,10 @@ def check_svd(spec: Spec) -> str | None:
         return None
     if not isinstance(spec, Conv):
         return f"svd factors Linear and Conv layers, not {type(spec).__name__}"
-    if spec.is_depthwise or svd_max_rank(spec) <= 1:
+    if spec.is_depthwise:
         return "depthwise conv: each group is a single filter, nothing to factor"
+    if svd_max_rank(spec) <= 1:
+        return "each group's weight has rank 1 at most, nothing to factor"
     return None
 
 

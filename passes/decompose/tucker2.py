@@ -37,7 +37,7 @@ def check_tucker2(spec: Spec) -> str | None:
     if not isinstance(spec, Conv):
         return f"tucker2 factors convs, not {type(spec).__name__}"
     if spec.is_depthwise or spec.weight.shape[1] == 1:
-        return "depthwise conv: one input channel per group, nothing to factor"
+        return "depthwise conv (one input channel per group), nothing to factor"
     return None
 
 
