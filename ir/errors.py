@@ -27,3 +27,11 @@ class InputShapeError(TensorfoldError):
 
 class ExportError(TensorfoldError):
     """A graph could not be written out or converted."""
+
+
+class TargetError(TensorfoldError):
+    """A target name is unknown, or its toolchain or device is missing."""
+
+
+class BuildError(TensorfoldError):
+    """A graph could not be imported into TVM, tuned or compiled for a target."""

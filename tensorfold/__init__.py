@@ -3,6 +3,7 @@
     import tensorfold as tf
     g = tf.capture(model, example_inputs)     # or tf.load("model.onnx")
     g2, report = tf.compress(g, "fold_bn")
+    artifact = tf.build(g2, "x86", "out/", tune_trials=64)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from tensorfold.ir import Graph, capture, load
 from tensorfold.ir.errors import TensorfoldError
 from tensorfold.passes import Report, run as _run_pipeline
+from tensorfold.build import build
 
 __version__ = "0.1.0"
 
@@ -40,4 +42,4 @@ def _numpy(value: Any):
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
-__all__ = ["Graph", "Report", "TensorfoldError", "capture", "compress", "load"]
+__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "load"]

@@ -1,4 +1,4 @@
-"""The `tensorfold` command: compress, passes (build, measure, targets come with the TVM work)."""
+"""The `tensorfold` command: compress, passes, build, targets (measure comes with the TVM work)."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,70 @@ def _passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    import tensorfold as tf
+    from tensorfold.models import parse_shape, resolve
+    from tensorfold.targets import get_target
+
+    get_target(args.target)  # a bad target name fails before the model is loaded
+    graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
+    if args.passes:
+        graph, report = tf.compress(graph, args.passes, progress=not args.quiet)
+        print(report.table())
+    artifact = tf.build(graph, args.target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
+                        progress=not args.quiet)
+    _print_artifact(artifact)
+    print(f"wrote {artifact.path}")
+    if args.report:
+        import json
+
+        with open(args.report, "w") as f:
+            json.dump(artifact.manifest, f, indent=2)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _print_artifact(artifact) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    manifest, tuning = artifact.manifest, artifact.manifest["tuning"]
+    table = Table(title=f"built {manifest['source']} for {manifest['target']['name']}", show_header=False)
+    rows = [
+        ("artifact", artifact.path),
+        ("library", ", ".join(str(v) for k, v in manifest["files"].items() if k in ("library", "cuda_source", "linked")
+                              and v)),
+        ("inputs", ", ".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in manifest["inputs"])),
+        ("outputs", ", ".join(f"{o['name']} {tuple(o['shape'] or ())} {o['dtype']}" for o in manifest["outputs"])),
+        ("target", str(manifest["target"]["tvm"])),
+        ("tuning database", tuning["database"] + ("" if tuning["database_found"]
+                                                  else " (new)" if tuning["trials_spent"] else " (absent: nothing reused)")),
+        ("tasks", f"{len(tuning['tasks'])}: {len(tuning['tuned_before'])} reused, {len(tuning['tuned_now'])} tuned now, "
+                  f"{len(tuning['untuned'])} untuned"),
+        ("trials spent", f"{tuning['trials_spent']} of {tuning['budget']} ({tuning['seconds']} s)"),
+        ("prepacked weights", str(manifest["prepacked_weights"])),
+        ("build time", f"{manifest['build_seconds']} s"),
+    ]
+    if manifest["files"].get("link_instructions"):
+        rows.append(("to link", manifest["files"]["link_instructions"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(soft_wrap=False).print(table)
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from tensorfold.targets import list_targets
+    from tensorfold.targets.registry import KNOWN_NAMES
+
+    for target in list_targets():
+        print(f"{target.name}: {target.description}")
+        print(f"    tvm target: {target.tvm_target}")
+        print(f"    runs on: {target.placement.describe(target.device)}; links with: {target.link}"
+              + (f" ({target.cross_compiler})" if target.cross_compiler else ""))
+    print(f"names: {', '.join(KNOWN_NAMES)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorfold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     passes = sub.add_parser("passes", help="list the registered passes and their options")
     passes.set_defaults(func=_passes)
+
+    build = sub.add_parser("build", help="compile a model with TVM for a target into an artifact folder")
+    build.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or 'digits'")
+    build.add_argument("--target", "-t", required=True, help="x86, x86:<mcpu>, cuda[:sm_XX], arm64[:<mcpu>], "
+                       "android-arm64 (see `tensorfold targets`)")
+    build.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    build.add_argument("-p", "--passes", help='compress first with this pipeline, e.g. "fold_bn, svd(rank=8)"')
+    build.add_argument("--tune-trials", type=int, default=0,
+                       help="MetaSchedule trial budget for workloads the tuning database lacks (default 0)")
+    build.add_argument("--tuning-db", help="tuning database folder (default ~/.cache/tensorfold/tuning/<target>)")
+    build.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
+    build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
+    build.add_argument("--report", help="also write the manifest (with the tuning summary) here")
+    build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    build.set_defaults(func=_build)
+
+    targets = sub.add_parser("targets", help="list the build targets, their TVM target dicts and where they run")
+    targets.set_defaults(func=_targets)
     return parser
 
 

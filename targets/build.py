@@ -1,0 +1,162 @@
+"""Graph + target -> artifact folder: import into Relax, tune (or reuse tuning), compile, link.
+
+The pipeline is the one `relax.get_pipeline("static_shape_tuning")` runs, spelled out so
+that tuning can skip tasks the database already holds and use our builder and runner
+(that pipeline takes neither and stalled here, toolchain.md). On CPU the weights are
+prepacked: tuned schedules may rewrite a weight's layout, and with the weights bound as
+constants FoldConstant does the rewrite once at build time, so the library keeps the
+plain `main(inputs...)` interface (no `main_transform_params` step at load).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+from tensorfold.ir.errors import BuildError
+
+from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
+from .frontend import to_relax
+from .linking import check_toolchain, export
+from .registry import Target, get_target
+from .tuning import TuningSummary, default_database_dir, tune
+
+
+def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
+          progress: bool = True) -> Artifact:
+    """Compile `graph` for `target` into the folder `out_dir` (see artifact.py for its layout).
+
+    tune_trials: MetaSchedule trial budget for the tasks the tuning database lacks (0: no
+    tuning, but records already in the database are applied). tuning_db: the database
+    folder (default: one per target under the user cache, see tuning.default_database_dir).
+    """
+    target = get_target(target)
+    if tune_trials < 0:
+        raise BuildError(f"tune_trials must be >= 0, got {tune_trials}")
+    check_toolchain(target)  # before minutes of compiling, not after
+    started = time.perf_counter()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_previous_artifact(out_dir)
+
+    mod, frontend = to_relax(graph)
+    outputs = _output_infos(mod, list(graph.output_names))
+    prepack = target.tvm_target["kind"] == "llvm"
+    mod = _prepare(mod, target, prepack)
+    database_dir = os.path.abspath(tuning_db) if tuning_db else default_database_dir(target)
+    mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress)
+    prepacked = _prepack(mod, target) if prepack else None
+    if prepacked is not None:
+        mod = prepacked
+    executable = _compile(mod, target)
+    files = export(executable, target, out_dir)
+
+    manifest = {
+        "format": FORMAT,
+        "source": str(graph.source),
+        "frontend": frontend,
+        "inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in graph.inputs],
+        "outputs": outputs,
+        "target": target.to_json(),
+        "files": files,
+        "weights": "embedded in the library as constants",
+        "prepacked_weights": prepacked is not None and _has_prepacked_kernels(mod),
+        "tuning": {**tuning.to_json(), "log_dir": _relative(tuning.log_dir, out_dir)},
+        "versions": _versions(),
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "load": {
+            "tensorfold": f"tensorfold.targets.artifact.load_artifact('{out_dir}')",
+            "plain_tvm": plain_tvm_instructions(files["library"], target.device),
+        },
+    }
+    if target.link == "tar":
+        manifest["load"]["android"] = files.get("link_instructions") or "model.so was linked with the NDK"
+    artifact = Artifact(out_dir, manifest)
+    artifact.save_manifest()
+    return artifact
+
+
+def _remove_previous_artifact(out_dir: str) -> None:
+    # A rebuild into the same folder for another target must not leave e.g. a stale model.cu.
+    for name in (MANIFEST, "model.so", "model.tar", "model.cu"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _prepare(mod, target: Target, prepack: bool):
+    """Fuse into the TIR tasks MetaSchedule tunes (the zero pipeline), marking weights layout-free."""
+    import tvm
+    from tvm import relax
+
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+              relax.get_pipeline("zero")]
+    if prepack:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    try:
+        with target.tvm():
+            return tvm.transform.Sequential(passes)(mod)
+    except Exception as e:  # noqa: BLE001
+        raise BuildError(f"lowering the model for {target.name} failed: {type(e).__name__}: {e}") from e
+
+
+def _prepack(mod, target: Target):
+    import tvm
+    from tvm import relax
+
+    with target.tvm():
+        return tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                         relax.transform.LiftTransformParams(),
+                                         relax.transform.FoldConstant()])(mod)
+
+
+def _has_prepacked_kernels(mod) -> bool:
+    return any(gv.name_hint.endswith("_prepacked") for gv in mod.functions)
+
+
+def _compile(mod, target: Target):
+    import tvm
+
+    try:
+        return tvm.compile(mod, target=target.tvm())
+    except Exception as e:  # noqa: BLE001
+        raise BuildError(f"compiling for {target.name} ({target.tvm_target}) failed: {type(e).__name__}: {e}") from e
+
+
+def _output_infos(mod, names: list[str]) -> list[dict[str, Any]]:
+    # TVM 0.27 calls struct info "types": Function.ret_ty is a TupleType or TensorType.
+    def leaves(info) -> list:
+        if hasattr(info, "fields"):
+            return [leaf for field in info.fields for leaf in leaves(field)]
+        return [info]
+
+    infos = []
+    for i, info in enumerate(leaves(mod["main"].ret_ty)):
+        shape = getattr(info, "shape", None)
+        values = getattr(shape, "values", None)
+        infos.append({"name": names[i] if i < len(names) else f"output{i}",
+                      "shape": [int(d) for d in values] if values is not None else None,
+                      "dtype": str(getattr(info, "dtype", "unknown"))})
+    return infos
+
+
+def _versions() -> dict[str, str]:
+    import tvm
+
+    import tensorfold
+
+    versions = {"tensorfold": tensorfold.__version__, "tvm": tvm.__version__, "python": platform.python_version()}
+    for name in ("torch", "onnx"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def _relative(path: str | None, root: str) -> str | None:
+    return None if path is None else os.path.relpath(path, root)
+
+
+__all__ = ["Artifact", "TuningSummary", "build"]

@@ -1,0 +1,161 @@
+"""MetaSchedule tuning against one database per target, reused by every later build.
+
+A build extracts its tuning tasks, asks the database which already have a measured
+record, and tunes only the rest within the trial budget; the trials actually spent are
+counted by a measure callback, not inferred from the budget. Logs go to files under the
+build's work dir (MetaSchedule prints a table per iteration otherwise).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from tensorfold.ir.errors import BuildError, TargetError
+
+from .registry import Target
+from .tuning_progress import TrialProgress, native_stderr_to
+
+WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so that
+RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too
+TARGET_FILE = "tensorfold_target.json"
+TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (toolchain.md)
+
+
+@dataclass
+class TuningSummary:
+    database: str
+    budget: int
+    database_found: bool = False   # False: no database yet at that path, nothing to reuse
+    trials_spent: int = 0
+    seconds: float = 0.0
+    tasks: list[str] = field(default_factory=list)
+    tuned_before: list[str] = field(default_factory=list)   # had records: no trials spent on them
+    tuned_now: list[str] = field(default_factory=list)
+    untuned: list[str] = field(default_factory=list)        # still without a record (untuned code)
+    log_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_database_dir(target: Target) -> str:
+    """`$TENSORFOLD_TUNING_DIR/<key>`, else the user cache: `~/.cache/tensorfold/tuning/<key>`."""
+    root = os.environ.get("TENSORFOLD_TUNING_DIR")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "tensorfold", "tuning")
+    return os.path.join(root, target.key)
+
+
+def open_database(directory: str, target: Target, create: bool):
+    """The JSON database in `directory`, or None if it does not exist and `create` is False."""
+    import tvm.s_tir.meta_schedule as ms
+
+    marker = os.path.join(directory, TARGET_FILE)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            owner = json.load(f).get("key")
+        if owner != target.key:
+            raise TargetError(f"tuning database {directory} belongs to target key {owner!r}, not {target.key!r} "
+                              f"({target.name}); records of another CPU would mislead the tuner: choose another "
+                              "--tuning-db")
+    elif not create and not os.path.isfile(os.path.join(directory, RECORD_FILE)):
+        return None
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.isfile(marker):
+        with open(marker, "w") as f:
+            json.dump({"key": target.key, "target": target.tvm_target}, f, indent=1)
+    return ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
+                                    path_tuning_record=os.path.join(directory, RECORD_FILE))
+
+
+def has_record(database, task, tvm_target) -> bool:
+    # has_workload() is not enough: a task is committed as a workload before its first
+    # trial, so one cut off by the budget has a workload and no record.
+    return database.query_tuning_record(task.dispatched[0], tvm_target, "main") is not None
+
+
+def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, progress: bool):
+    """Tune what the database lacks, then apply it. Returns (module with schedules, summary).
+
+    Logs go to `work_dir`/logs: MetaSchedule's per-task logs and TVM's native stderr.
+    """
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
+
+    tvm_target = target.tvm()
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
+    database = open_database(database_dir, target, create=False)
+    summary.database_found = database is not None
+    recorded = [database is not None and has_record(database, t, tvm_target) for t in tasks]
+    todo = [t for t, done in zip(tasks, recorded) if not done]
+    summary.tuned_before = [t.task_name for t, done in zip(tasks, recorded) if done]
+    if trials > 0 and todo:
+        if not target.runs_here:
+            raise TargetError(
+                f"target {target.name}: tuning measures candidates on the device, which is not on this machine "
+                f"({target.placement.describe(target.device)}); build with --tune-trials 0 (records already in "
+                "the database are still applied), or tune where the device is")
+        if database is None:
+            database = open_database(database_dir, target, create=True)
+        start = time.perf_counter()
+        summary.trials_spent = _tune_tasks(todo, database, target, trials, work_dir, progress)
+        summary.seconds = round(time.perf_counter() - start, 2)
+        summary.log_dir = os.path.join(work_dir, "logs")
+    if database is None:
+        summary.untuned = list(summary.tasks)
+        return mod, summary
+    summary.tuned_now = [t.task_name for t in todo if has_record(database, t, tvm_target)]
+    summary.untuned = [t.task_name for t in todo if t.task_name not in summary.tuned_now]
+    with tvm_target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    return mod, summary
+
+
+def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, progress: bool) -> int:
+    import tvm.s_tir.meta_schedule as ms
+
+    from . import tuning_worker
+    from .intrinsics import load_for
+
+    # By value, so that builder workers need not import tensorfold (and with it torch).
+    cloudpickle.register_pickle_by_value(tuning_worker)
+
+    per_task = max(1, trials // len(tasks))
+    cores = int(target.tvm_target.get("num-cores") or os.cpu_count() or 1)
+    # MetaSchedule echoes every log line to stdout at its global logger's level; the
+    # files under work_dir/logs keep everything (create_loggers sets them to DEBUG).
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
+    counter = TrialProgress(total=min(trials, per_task * len(tasks)), enabled=progress,
+                            description=f"tuning {len(tasks)} task(s) for {target.name}")
+    with counter, native_stderr_to(os.path.join(work_dir, "logs", "tvm_stderr.log")):
+        counter.phase("preparing search spaces")
+        load_for(target.tvm_target)
+        builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=TIMEOUT_SEC,
+                                          f_build=tuning_worker.build_candidate)
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=work_dir, num_threads=cores,
+            # A population sized to the budget: the default 512 spends minutes evolving
+            # candidates for a budget of a few trials.
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_task))))
+        counter.phase("tuning")
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=work_dir,
+                max_trials_global=trials, max_trials_per_task=per_task,
+                num_trials_per_iter=min(64, per_task),
+                builder=counter.builder(builder),
+                runner=ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC),
+                database=database,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()])
+        except Exception as e:  # noqa: BLE001
+            raise BuildError(f"tuning for {target.name} failed after {counter.done} trial(s): "
+                             f"{type(e).__name__}: {e} (logs: {os.path.join(work_dir, 'logs')})") from e
+    return counter.done

@@ -1,0 +1,31 @@
+"""`tf.build`: a Graph (or a module with example inputs, or an .onnx path) -> artifact folder."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tensorfold.ir import Graph, capture, load
+from tensorfold.ir.errors import TensorfoldError
+from tensorfold.targets import Artifact, Target
+from tensorfold.targets import build as _build_graph
+
+
+def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_trials: int = 0,
+          tuning_db: str | os.PathLike | None = None, progress: bool = True,
+          example_inputs: Any = None) -> Artifact:
+    """Compile for `target` ("x86", "x86:znver4", "cuda:sm_80", "arm64", "android-arm64") into `out_dir`.
+
+    `graph`: a tensorfold Graph, an `.onnx` path, or a torch module with `example_inputs`.
+    `tune_trials`: MetaSchedule trials for the workloads the tuning database has no record
+    of (0: none; records already there are still used). `tuning_db`: the database folder
+    (default `~/.cache/tensorfold/tuning/<target key>/`). Returns the Artifact (folder +
+    manifest); `artifact.load()` runs it in this process when the target is local.
+    """
+    if isinstance(graph, (str, os.PathLike)):
+        graph = load(os.fspath(graph))
+    elif not isinstance(graph, Graph):
+        if example_inputs is None:
+            raise TensorfoldError("build(module, ...) needs example_inputs=...; or pass tf.capture(module, inputs)")
+        graph = capture(graph, example_inputs)
+    return _build_graph(graph, target, os.fspath(out_dir), tune_trials=tune_trials,
+                        tuning_db=None if tuning_db is None else os.fspath(tuning_db), progress=progress)

@@ -1,0 +1,102 @@
+"""MetaSchedule tuning: a handful of trials, then later builds reuse the database instead of re-tuning."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tensorfold as tf
+from tensorfold.targets.tuning import RECORD_FILE
+
+TRIALS = 4  # a handful: tuning is slow on 2 cores; what is tested is the bookkeeping and reuse
+
+
+def _conv_relu() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+
+
+def _records(database) -> int:
+    return len((database / RECORD_FILE).read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One tuned build shared by the tests below (the expensive part: ~1 min on 2 busy cores)."""
+    root = tmp_path_factory.mktemp("tuning")
+    model, x = _conv_relu(), torch.randn(1, 3, 16, 16)
+    artifact = tf.build(tf.capture(model, (x,)), "x86", root / "first", tune_trials=TRIALS,
+                        tuning_db=root / "db", progress=False)
+    return root, model, x, artifact
+
+
+def test_tuned_build_spends_its_trials_and_is_correct(tuned, tools):
+    root, model, x, artifact = tuned
+    tuning = artifact.manifest["tuning"]
+    assert tuning["budget"] == TRIALS
+    assert 0 < tuning["trials_spent"] <= TRIALS
+    assert tuning["tuned_before"] == [] and tuning["untuned"] == []
+    assert sorted(tuning["tuned_now"]) == sorted(tuning["tasks"])
+    assert tuning["database"] == str(root / "db") and _records(root / "db") >= tuning["trials_spent"]
+    # MetaSchedule's logs are kept in files under the artifact folder
+    assert list((root / "first" / "logs").rglob("*.log"))
+    assert artifact.manifest["prepacked_weights"] in (True, False)
+    error = tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"])
+    assert error < 1e-4
+
+
+def test_second_build_reuses_the_database_without_new_trials(tuned, tools):
+    root, model, x, first = tuned
+    records_before = _records(root / "db")
+    graph = tf.capture(model, (x,))
+    second = tf.build(graph, "x86", root / "second", tune_trials=TRIALS, tuning_db=root / "db", progress=False)
+    tuning = second.manifest["tuning"]
+    assert tuning["trials_spent"] == 0
+    assert sorted(tuning["tuned_before"]) == sorted(first.manifest["tuning"]["tasks"])
+    assert tuning["tuned_now"] == [] and tuning["untuned"] == []
+    assert _records(root / "db") == records_before  # nothing measured, nothing written
+    assert second.manifest["prepacked_weights"] == first.manifest["prepacked_weights"]
+    assert tools.relative_error(tools.torch_output(model, x), second.load()(x.numpy())["output0"]) < 1e-4
+
+
+def test_untuned_build_still_applies_the_database(tuned):
+    root, model, x, first = tuned
+    artifact = tf.build(tf.capture(model, (x,)), "x86", root / "zero", tune_trials=0, tuning_db=root / "db",
+                        progress=False)
+    assert artifact.manifest["tuning"]["trials_spent"] == 0
+    assert artifact.manifest["tuning"]["tuned_before"] == first.manifest["tuning"]["tasks"]
+
+
+def test_database_of_another_target_is_refused(tuned):
+    from tensorfold.targets import get_target
+
+    root, model, x, _ = tuned
+    other = "x86:skylake-avx512" if get_target("x86").tvm_target.get("mcpu") != "skylake-avx512" else "x86:znver4"
+    with pytest.raises(tf.TensorfoldError, match="belongs to target"):
+        tf.build(tf.capture(model, (x,)), other, root / "other", tuning_db=root / "db", progress=False)
+
+
+def test_default_database_lives_in_the_user_cache(monkeypatch, tmp_path):
+    from tensorfold.targets import default_database_dir, get_target
+
+    monkeypatch.delenv("TENSORFOLD_TUNING_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    target = get_target("x86")
+    assert default_database_dir(target) == str(tmp_path / ".cache" / "tensorfold" / "tuning" / target.key)
+
+
+@pytest.mark.slow
+def test_new_model_tunes_only_the_workloads_not_in_the_database(tuned):
+    root, _, _, first = tuned
+    # the first layer is the tuned model's conv (same workload); the second conv is new
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    artifact = tf.build(tf.capture(model, (x,)), "x86", root / "bigger", tune_trials=TRIALS,
+                        tuning_db=root / "db", progress=False)
+    tuning = artifact.manifest["tuning"]
+    assert set(tuning["tuned_before"]) == set(first.manifest["tuning"]["tasks"])
+    assert len(tuning["tuned_now"]) == len(tuning["tasks"]) - len(tuning["tuned_before"]) > 0
+    assert 0 < tuning["trials_spent"] <= TRIALS
+    json.dumps(artifact.manifest)
