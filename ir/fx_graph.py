@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import CaptureError, ExportError, InputShapeError
 from .graph import GRAPH_OUTPUT, Graph, Layer, TensorInfo
@@ -60,7 +60,7 @@ def _conv_spec(weight, bias, stride, padding, dilation, groups) -> Conv:
 
 class FxGraph(Graph):
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], source: str, training: bool = False):
-        self.gm = gm.eval()
+        self.gm = _eval_mode(gm)
         self.example_inputs = tuple(example_inputs)
         self.source = source
         self.training = training
@@ -238,8 +238,14 @@ class FxGraph(Graph):
         module = chain_module(specs)
         self.gm.graph.owning_module = self.gm
         _set_submodule(self.gm, target, module)
+        inserted = []
         with self.gm.graph.inserting_before(first):
-            new = self.gm.graph.call_module(target, args=(first.args[0],))
+            new = first.args[0]
+            # one node per leaf module, so each new layer is listed by layers() for the next pass
+            for leaf in _leaf_targets(module, target):
+                new = self.gm.graph.call_module(leaf, args=(new,))
+                inserted.append(new)
+        replaced_shape = self._shape(last)
         last.replace_all_uses_with(new)
         for node in reversed(nodes):
             if not node.users:
@@ -249,7 +255,23 @@ class FxGraph(Graph):
         self._drop_unused_attributes()
         self.gm.recompile()
         self._layers = None
-        self._propagate_shapes()
+        if not self._propagate_inserted(inserted, replaced_shape):
+            self._propagate_shapes()
+
+    def _propagate_inserted(self, inserted: list[fx.Node], replaced_shape: tuple[int, ...]) -> bool:
+        """Shapes of the inserted nodes only (a whole-graph run per replacement made folding quadratic).
+
+        Every other shape stands if the chain's output keeps its shape; False if it does not.
+        """
+        meta = inserted[0].args[0].meta.get("tensor_meta")
+        if meta is None or not replaced_shape:
+            return False
+        value = torch.zeros(tuple(meta.shape), dtype=meta.dtype)
+        with torch.no_grad():
+            for node in inserted:
+                value = self.gm.get_submodule(node.target)(value)
+                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        return tuple(value.shape) == tuple(replaced_shape)
 
     def _free_name(self, base: str) -> str:
         base = base.replace(".", "_")
@@ -316,6 +338,19 @@ class FxGraph(Graph):
             raise
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"{self.source}: writing {path!r} failed: {e}") from e
+
+
+def _eval_mode(gm: fx.GraphModule) -> fx.GraphModule:
+    try:
+        return gm.eval()
+    except NotImplementedError:  # a torch.export module refuses eval(); it was exported from an eval-mode copy
+        return gm
+
+
+def _leaf_targets(module: nn.Module, target: str) -> list[str]:
+    if isinstance(module, nn.Sequential):
+        return [leaf for name, child in module.named_children() for leaf in _leaf_targets(child, f"{target}.{name}")]
+    return [target]
 
 
 def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:

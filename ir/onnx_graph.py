@@ -80,6 +80,13 @@ class OnnxGraph(Graph):
         for node in self.model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self._constants[node.output[0]] = node.attribute[0].t
+            elif node.op_type in ("Identity", "Transpose") and node.input[0] in self._constants:
+                # exports without constant folding route weights through these (Linear without bias:
+                # MatMul(x, Transpose(W)); equal tensors deduplicated behind an Identity)
+                value = numpy_helper.to_array(self._constants[node.input[0]])
+                if node.op_type == "Transpose":
+                    value = np.transpose(value, _attrs(node).get("perm"))
+                self._constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
         self._shapes = self._infer_shapes()
 
     def _infer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -124,7 +131,8 @@ class OnnxGraph(Graph):
                 recorded = self.run(self.random_inputs(), record=sorted(missing))
                 self._shapes.update({t: tuple(recorded[t].shape) for t in missing})
                 for layer in layers:
-                    layer.in_shape, layer.out_shape = self._shapes[layer.input], self._shapes[layer.output]
+                    layer.in_shape = self._in_shape(layer.input, layer.facts)
+                    layer.out_shape = self._shapes[layer.output]
             self._layers = layers
         return self._layers
 
@@ -139,8 +147,13 @@ class OnnxGraph(Graph):
         kind, spec, unusable, facts = read
         facts = {"op": node.op_type, "nodes": [node.name], **facts}
         output = facts.pop("output", node.output[0])
-        return Layer(node.name, kind, spec, node.input[0], output, self._shapes.get(node.input[0], ()),
+        return Layer(node.name, kind, spec, node.input[0], output, self._in_shape(node.input[0], facts),
                      self._shapes.get(output, ()), unusable, facts)
+
+    def _in_shape(self, tensor: str, facts: dict) -> tuple[int, ...]:
+        """The shape the layer's spec reads: a Gemm with transA reads its input A transposed."""
+        shape = self._shapes.get(tensor, ())
+        return tuple(reversed(shape)) if facts.get("transA") else shape
 
     def _read_conv(self, node):
         weight = self.constant(node.input[1])
@@ -229,7 +242,7 @@ class OnnxGraph(Graph):
         return "batchnorm", BatchNorm(mean, var, gamma, beta, float(a.get("epsilon", 1e-5))), None, {}
 
     def _users(self, tensor: str) -> list[onnx.NodeProto]:
-        return [n for n in self.model.graph.node if tensor in n.input]
+        return [n for n in self.model.graph.node if tensor in n.input or tensor in _subgraph_reads(n)]
 
     def consumers(self, tensor: str) -> list[str]:
         users = [n.name for n in self._users(tensor)]
@@ -284,6 +297,7 @@ class OnnxGraph(Graph):
         del self.model.graph.node[:]
         self.model.graph.node.extend(kept[:position] + new_nodes + kept[position:])
         self.model.graph.initializer.extend(initializers)
+        self._drop_dead_nodes()
         self._drop_unused_initializers()
         if any(n.op_type == "Einsum" for n in new_nodes):
             _require_opset(self.model, 12)
@@ -297,8 +311,18 @@ class OnnxGraph(Graph):
             name, i = f"{base}_tf{i}", i + 1
         return name
 
+    def _drop_dead_nodes(self) -> None:
+        """Drop nodes no one reads any more (a Transpose that fed a replaced weight, say)."""
+        while True:
+            used = _used_names(self.model.graph) | set(self.output_names)
+            live = [n for n in self.model.graph.node if any(o in used for o in n.output)]
+            if len(live) == len(self.model.graph.node):
+                return
+            del self.model.graph.node[:]
+            self.model.graph.node.extend(live)
+
     def _drop_unused_initializers(self) -> None:
-        used = {name for n in self.model.graph.node for name in n.input} | {o.name for o in self.model.graph.output}
+        used = _used_names(self.model.graph) | {o.name for o in self.model.graph.output}
         kept = [t for t in self.model.graph.initializer if t.name in used]
         del self.model.graph.initializer[:]
         self.model.graph.initializer.extend(kept)
@@ -348,7 +372,10 @@ class OnnxGraph(Graph):
         if os.path.splitext(path)[1].lower() != ".onnx":
             raise ExportError(f"cannot write {path!r}: an ONNX graph saves as .onnx")
         self.check()
-        onnx.save(self.model, path)
+        try:
+            onnx.save(self.model, path)
+        except OSError as e:
+            raise ExportError(f"{self.source}: writing {path!r} failed: {e}") from e
 
     def to_onnx(self) -> onnx.ModelProto:
         return self.model
@@ -357,6 +384,24 @@ class OnnxGraph(Graph):
         raise ExportError(
             f"{self.source}: this graph was loaded from ONNX and stays ONNX (no round trip through torch); "
             "use .save('out.onnx') or .run(...)")
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, inside subgraphs (If/Loop/Scan bodies) too: they may read outer names."""
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        used |= _subgraph_reads(node)
+    return used
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    used = set()
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for subgraph in subgraphs:
+            used |= _used_names(subgraph)
+    return used
 
 
 def _require_opset(model: onnx.ModelProto, version: int) -> None:

@@ -12,7 +12,8 @@ from .specs import BatchNorm, Conv, ConvTranspose, Linear, Spec, TTLinear, symme
 
 
 def _param(array: np.ndarray) -> nn.Parameter:
-    return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+    # a copy: arrays read from ONNX are read-only, and a parameter must not alias a spec's array
+    return nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32, order="C")))
 
 
 class TTLinearModule(nn.Module):
@@ -45,7 +46,7 @@ class BatchNormModule(nn.Module):
     def __init__(self, spec: BatchNorm):
         super().__init__()
         for name in ("mean", "var", "gamma", "beta"):
-            self.register_buffer(name, torch.from_numpy(np.asarray(getattr(spec, name), dtype=np.float32)))
+            self.register_buffer(name, torch.from_numpy(np.array(getattr(spec, name), dtype=np.float32)))
         self.eps = spec.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

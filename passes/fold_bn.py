@@ -18,7 +18,7 @@ def _forward_reason(graph: Graph, producer: Layer | None, bn: Layer) -> str | No
     """Why `producer -> bn` cannot fold (None if it can)."""
     if producer is None or producer.kind not in _PRODUCERS:
         return "no conv/linear producer"
-    if producer.spec is None:
+    if producer.spec is None or producer.unusable:
         return f"producer {producer.name!r} is unusable: {producer.unusable}"
     others = [c for c in graph.consumers(producer.output) if c not in (bn.name, bn.facts.get("node"))]
     if others:
@@ -36,7 +36,7 @@ def _backward_reason(graph: Graph, bn: Layer) -> tuple[Layer | None, str | None]
     consumer = next((l for l in graph.layers() if l.input == bn.output and l.kind in ("conv", "linear")), None)
     if consumer is None:
         return None, "no conv/linear consumer"
-    if consumer.spec is None:
+    if consumer.spec is None or consumer.unusable:
         return None, f"consumer {consumer.name!r} is unusable: {consumer.unusable}"
     if isinstance(consumer.spec, Linear) and len(consumer.in_shape) != 2:
         return None, "the linear consumer does not read axis 1 as its features"
@@ -62,7 +62,7 @@ def fold_bn(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, P
     for name in bn_names:
         started = time.perf_counter()
         bn = graph.layer(name)
-        if bn.spec is None:
+        if bn.spec is None or bn.unusable:
             report.skip(name, bn.unusable or "unusable")
             continue
         producer = graph.producer(bn.input)

@@ -67,6 +67,8 @@ def layer_error(graph: Graph, chain: Sequence[Layer], new_specs: Sequence[Spec],
         pairs = []
         for feed in feeds:
             x = _record(graph, feed, tensor)
+            if chain[0].facts.get("transA"):  # an ONNX Gemm that reads its input transposed
+                x = x.T
             pairs.append((run_specs(old_specs, x), run_specs(new_specs, x)))
         return _pooled_error(pairs)
 

@@ -74,6 +74,8 @@ def _coerce(pass_name: str, key: str, value: Any, kind: type) -> Any:
             raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if kind in (int, float) and isinstance(value, bool):  # rank=true is a typo, not rank=1
+            raise ValueError
         return kind(value)
     except (TypeError, ValueError):
         raise PipelineError(f"pass {pass_name!r}: option {key}={value!r} is not a valid {kind.__name__}") from None

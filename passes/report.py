@@ -80,6 +80,7 @@ class Report:
 
     def table(self, width: int = 140) -> str:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"tensorfold: {self.model}", show_lines=False)
@@ -88,7 +89,8 @@ class Report:
         for p in self.passes:
             for r in p.records:
                 unchanged = r.action == "skipped"
-                table.add_row(p.name, r.layer, r.action, r.reason or r.method,
+                # names and reasons are plain text: "[...]" in them must not be read as rich markup
+                table.add_row(p.name, escape(r.layer), r.action, escape(r.reason or r.method),
                               _human(r.params_before) if unchanged and r.params_before else _arrow(r.params_before, r.params_after),
                               _human(r.flops_before) if unchanged and r.flops_before else _arrow(r.flops_before, r.flops_after),
                               _err(r.error_random, r.error_calibration))
@@ -103,7 +105,7 @@ class Report:
         notes += [f"left unchanged (op unknown to tensorfold): {node} [{op}]" for node, op in self.unknown_ops]
         notes += [f"{key}: {value}" for key, value in self.extra.items()]
         for note in notes:
-            console.print(note)
+            console.print(note, markup=False)
         return buffer.getvalue()
 
 

@@ -8,6 +8,8 @@ ranks (R_T, R_S) are per group. Works for 1-D and 2-D convs.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import tensorly as tl
 from tensorly.decomposition import partial_tucker
@@ -26,7 +28,9 @@ def tucker2_factors(kernel: np.ndarray, ranks: tuple[int, int], n_iter_max: int 
     tensorly 0.9+ returns ((core, factors), errors) from partial_tucker (§3).
     """
     kernel = np.asarray(kernel, dtype=np.float64)
-    with tl.backend_context("numpy"):
+    with tl.backend_context("numpy"), warnings.catch_warnings():
+        # tensorly warns when a rank exceeds a narrow unfolding's side and clamps it; max ranks already bound that
+        warnings.simplefilter("ignore", UserWarning)
         (core, (u_out, u_in)), _ = partial_tucker(kernel, rank=list(ranks), modes=[0, 1], init="svd",
                                                  n_iter_max=n_iter_max, tol=tol)
     return np.asarray(core), np.asarray(u_out), np.asarray(u_in)
