@@ -201,8 +201,9 @@ def _register(method: str, doc: str, extra: dict[str, Option]) -> None:
 
 _register("svd", "Truncated SVD of Linear / Gemm / MatMul and 1x1 conv layers into two factors (§1).", {})
 _register("spatial_svd", "kxk conv -> (kh x 1) then (1 x kw) conv (Jaderberg / AIMET spatial SVD, §2).", {})
-# HOSVD is already close to the HOOI optimum; a few sweeps get the rest (each costs two SVDs)
-_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al., §3).", _iterative(10, 1e-6))
+# HOSVD is already close to the HOOI optimum; a few sweeps get the rest. Each sweep costs two full
+# SVDs (tensorly's HOOI loop ignores its svd= argument; only the HOSVD init uses gram_svd)
+_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al., §3).", _iterative(3, 1e-6))
 _register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable depthwise (CP4); ALS or EPC (§4).", {
     **_iterative(500, 1e-8),
     "variant": Option(str, "cp3", "cp3 (one depthwise kxk) or cp4 (kh x 1 then 1 x kw)"),

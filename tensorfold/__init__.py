@@ -13,6 +13,7 @@ from tensorfold.ir import Graph, capture, load
 from tensorfold.ir.errors import TensorfoldError
 from tensorfold.passes import Report, run as _run_pipeline
 from tensorfold.build import build
+from tensorfold.measure import measure
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,4 @@ def _numpy(value: Any):
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
-__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "load"]
+__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "load", "measure"]

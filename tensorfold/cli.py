@@ -118,6 +118,81 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure(args: argparse.Namespace) -> int:
+    from tensorfold.measure import MeasureError, measure
+    from tensorfold.targets import get_target
+
+    for name in args.target:
+        get_target(name)  # a bad target name fails before any model is loaded
+    data = args.data
+    if data is None and any(m in ("digits", "tensorfold.examples.digits:model") for m in args.models):
+        data = "digits"
+    try:
+        report = measure(args.models, args.target, data=data, rounds=args.rounds, warmup=args.warmup,
+                         tune_trials=args.tune_trials, report=args.report, passes=args.passes,
+                         rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_timeout=args.rpc_timeout,
+                         work_dir=args.work_dir, threads=args.threads, limit=args.limit, progress=not args.quiet)
+    except MeasureError as e:
+        e.report.print()
+        if args.report:
+            print(f"wrote {', '.join(e.report.files)}")
+        raise
+    report.print()
+    if args.report:
+        print(f"wrote {', '.join(report.files)}")
+    return 0
+
+
+def _rpc(args: argparse.Namespace) -> int:
+    from tensorfold.targets import rpc
+
+    if args.action == "start":
+        tracker = rpc.start_tracker(args.host, args.port)
+        print(f"RPC tracker on {args.host}:{args.port} (pid {tracker.process.pid}, log {tracker.log}); "
+              f"stop it with `tensorfold rpc stop`")
+        return 0
+    if args.action == "status":
+        print(rpc.connect_tracker(args.host, args.port).text_summary())
+        return 0
+    stopped = 0
+    for record in rpc.recorded_processes():
+        if record["kind"] == "tracker" and record["port"] != args.port and not args.all:
+            continue
+        if rpc.stop_group(record["pid"]):
+            stopped += 1
+            print(f"stopped {record['kind']} on {record['host']}:{record['port']} (pid {record['pid']})")
+        os.remove(record["pid_file"])
+    if not stopped:
+        print("nothing to stop")
+    return 0
+
+
+def _rpc_server(args: argparse.Namespace) -> int:
+    import time
+
+    from tensorfold.targets import qemu, rpc
+
+    if not args.qemu_arm64:
+        raise TensorfoldError("rpc-server: only --qemu-arm64 is provided here; a real device runs TVM's RPC app "
+                              "or `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY` itself")
+    host, port = rpc.parse_address(args.tracker)
+    server = qemu.start_arm64_server(host, port, args.key, args.port)
+    print(f"arm64 RPC server under qemu on 127.0.0.1:{server.info['port']} (pid {server.process.pid}), "
+          f"registered at {host}:{port} under key {args.key!r}; log {server.log}")
+    if args.background:
+        print("stop it with `tensorfold rpc stop`")
+        return 0
+    try:
+        while server.alive():
+            time.sleep(1.0)
+        print(f"the server exited (code {server.process.returncode}); log {server.log}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorfold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +228,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     targets = sub.add_parser("targets", help="list the build targets, their TVM target dicts and where they run")
     targets.set_defaults(func=_targets)
+
+    measure = sub.add_parser("measure", help="latency and accuracy per candidate x engine x target, side by side")
+    measure.add_argument("models", nargs="+", metavar="MODEL",
+                         help="what compress takes (.onnx, torchvision:<arch>, pkg.mod:fn, digits) or an artifact folder")
+    measure.add_argument("--target", "-t", action="append", required=True, help="a target; repeat for more")
+    measure.add_argument("-p", "--passes", help="also measure each model compressed with this pipeline")
+    measure.add_argument("--data", help="'digits' or an ImageFolder directory (default: digits for the digits "
+                         "model, else random inputs, fidelity only)")
+    measure.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    measure.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for builds (0: untuned)")
+    measure.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    measure.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    measure.add_argument("--threads", type=int, help="threads for every host engine (default: physical cores)")
+    measure.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker for remote targets "
+                         "(default 127.0.0.1:9190), or direct:HOST:PORT for one RPC server")
+    measure.add_argument("--rpc-key", help="device key at the tracker (default: the target's, e.g. arm64)")
+    measure.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds to reach the tracker (default 5)")
+    measure.add_argument("--work-dir", help="where to build artifacts (default: a temporary folder)")
+    measure.add_argument("--report", help="write report.json here, and PNG plots beside it")
+    measure.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    measure.set_defaults(func=_measure)
+
+    rpc = sub.add_parser("rpc", help="start or stop a local TVM RPC tracker (127.0.0.1)")
+    rpc.add_argument("action", choices=["start", "stop", "status"])
+    rpc.add_argument("--host", default="127.0.0.1", help="tracker host (start: loopback only)")
+    rpc.add_argument("--port", type=int, default=9190, help="tracker port (default 9190)")
+    rpc.add_argument("--all", action="store_true", help="stop: every tracker and server started here")
+    rpc.set_defaults(func=_rpc)
+
+    server = sub.add_parser("rpc-server", help="run an aarch64 TVM RPC server under qemu, registered at a tracker")
+    server.add_argument("--qemu-arm64", action="store_true", required=True,
+                        help="emulate aarch64 (runtime from scripts/prepare-arm64-runtime.sh)")
+    server.add_argument("--tracker", default="127.0.0.1:9190", help="tracker HOST:PORT (default 127.0.0.1:9190)")
+    server.add_argument("--key", default="arm64", help="device key to register under (default arm64)")
+    server.add_argument("--port", type=int, help="server port on 127.0.0.1 (default: a free one)")
+    server.add_argument("--background", action="store_true", help="return at once; `tensorfold rpc stop` stops it")
+    server.set_defaults(func=_rpc_server)
     return parser
 
 

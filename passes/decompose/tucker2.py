@@ -17,7 +17,7 @@ from tensorly.decomposition import partial_tucker
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.specs import Conv, Spec
 
-from ._common import (NotFactorable, as_bias, as_weight, check_rank, group_kernels, no_padding,
+from ._common import (NotFactorable, gram_svd, as_bias, as_weight, check_rank, group_kernels, no_padding,
                       ones, stack_groups)
 
 
@@ -31,7 +31,7 @@ def tucker2_factors(kernel: np.ndarray, ranks: tuple[int, int], n_iter_max: int 
     with tl.backend_context("numpy"), warnings.catch_warnings():
         # tensorly warns when a rank exceeds a narrow unfolding's side and clamps it; max ranks already bound that
         warnings.simplefilter("ignore", UserWarning)
-        (core, (u_out, u_in)), _ = partial_tucker(kernel, rank=list(ranks), modes=[0, 1], init="svd",
+        (core, (u_out, u_in)), _ = partial_tucker(kernel, rank=list(ranks), modes=[0, 1], init="svd", svd=gram_svd,
                                                  n_iter_max=n_iter_max, tol=tol)
     return np.asarray(core), np.asarray(u_out), np.asarray(u_in)
 

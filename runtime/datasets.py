@@ -1,0 +1,70 @@
+"""Labelled data for the built-in classification evaluator: the bundled digits, or an ImageFolder tree."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from tensorfold.ir.errors import InputShapeError, TensorfoldError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+# ImageNet statistics: what torchvision classifiers are trained with.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class DataError(TensorfoldError):
+    """Evaluation data is missing or does not fit the model's input."""
+
+
+def load_data(data: Any, input_shape: Sequence[int], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, description). `data`: "digits", an ImageFolder directory, or (images, labels)."""
+    if isinstance(data, tuple) and len(data) == 2:
+        images, labels, what = np.asarray(data[0], np.float32), np.asarray(data[1], np.int64), "given arrays"
+    elif data == "digits":
+        from tensorfold.examples import digits
+
+        images, labels = digits.test_data()
+        what = "bundled digits test set"
+    elif isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
+        images, labels = image_folder(os.fspath(data), input_shape)
+        what = f"ImageFolder {os.fspath(data)}"
+    else:
+        raise DataError(f"--data {data!r}: expected 'digits' or an ImageFolder directory (one sub-folder per class)")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    if tuple(images.shape[1:]) != tuple(input_shape[1:]):
+        raise InputShapeError(f"{what}: images have shape {images.shape[1:]}, the model takes {tuple(input_shape[1:])}")
+    return images, labels, what
+
+
+def image_folder(root: str, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """root/<class>/<image>: classes sorted by name (torchvision's ImageFolder order), resized to H x W."""
+    from PIL import Image
+
+    channels, height, width = (int(d) for d in input_shape[1:4])
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        for file in sorted(os.listdir(folder)):
+            if not file.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            with Image.open(os.path.join(folder, file)) as image:
+                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                pixels = np.asarray(image, np.float32) / 255.0
+            pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+            images.append(_normalize(pixels, channels))
+            labels.append(index)
+    if not images:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return np.stack(images).astype(np.float32), np.asarray(labels, np.int64)
+
+
+def _normalize(pixels: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 3:
+        return (pixels - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+    return (pixels - 0.5) / 0.5  # the digits example's convention

@@ -1,0 +1,63 @@
+"""One interface for every engine: prepare a model once, then run it and time it.
+
+An engine's `prepare(...)` returns a Runner: calling it with {input name: array} gives
+{output name: array} computed by that engine; `timer(inputs)` gives a function that runs
+once on inputs already placed on the device and returns the seconds it took.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from tensorfold.ir.errors import TensorfoldError
+
+Inputs = Mapping[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+class EngineUnavailable(TensorfoldError):
+    """This engine cannot run this candidate on this target (the reason is the message)."""
+
+
+class EngineFailed(TensorfoldError):
+    """An engine broke while running (a remote server died, a runtime error)."""
+
+
+@dataclass
+class Runner:
+    """A prepared model on one engine. `threads`: the thread count it runs with (None: the remote's default)."""
+
+    engine: str
+    run: Callable[[Inputs], Outputs]
+    make_timer: Callable[[Inputs], Callable[[], float]]
+    input_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]]
+    threads: int | None
+    emulated: bool = False
+    close: Callable[[], None] = lambda: None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        return self.run(inputs)
+
+    def timer(self, inputs: Inputs) -> Callable[[], float]:
+        return self.make_timer(inputs)
+
+    @property
+    def batch(self) -> int:
+        return int(self.input_shapes[self.input_names[0]][0])
+
+
+def default_threads() -> int:
+    """One thread per physical core (SMT siblings slow conv kernels down); TVM_NUM_THREADS wins."""
+    if os.environ.get("TVM_NUM_THREADS"):
+        return int(os.environ["TVM_NUM_THREADS"])
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1

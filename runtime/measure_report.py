@@ -1,0 +1,89 @@
+"""The measure report: one row per candidate x engine x target; JSON, a rich table, PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+OK, UNAVAILABLE, FAILED = "ok", "not available", "failed"
+
+
+@dataclass
+class MeasureReport:
+    settings: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def add(self, candidate: str, engine: str, target: str, status: str, **fields: Any) -> dict[str, Any]:
+        row = {"candidate": candidate, "engine": engine, "target": target, "status": status, **fields}
+        self.rows.append(row)
+        return row
+
+    def row(self, candidate: str, engine: str, target: str) -> dict[str, Any]:
+        for row in self.rows:
+            if (row["candidate"], row["engine"], row["target"]) == (candidate, engine, target):
+                return row
+        raise KeyError(f"no row for {candidate} / {engine} / {target}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "tensorfold-measure/1", "settings": self.settings, "rows": self.rows,
+                "errors": self.errors, "files": self.files}
+
+    def save(self, path: str, plots: bool = True) -> list[str]:
+        """Write the JSON at `path` and, beside it, `<stem>_latency.png` and `<stem>_accuracy.png`."""
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        written = [path]
+        if plots:
+            from .measure_plots import plot_accuracy, plot_latency
+
+            stem = os.path.splitext(path)[0]
+            written += [p for p in (plot_latency(self, stem + "_latency.png"),
+                                    plot_accuracy(self, stem + "_accuracy.png")) if p]
+        self.files = written
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2, default=float)
+        return written
+
+    def table(self):
+        from rich.table import Table
+
+        s = self.settings
+        table = Table(title=f"tensorfold measure: {s.get('rounds')} interleaved rounds after {s.get('warmup')} "
+                            f"warm-up, {s.get('threads')} threads; accuracy on {s.get('data')}")
+        for column in ("candidate", "target", "engine", "latency median (ms)", "IQR (ms)", "top-1", "top-5",
+                       "agree", "max rel err", "note"):
+            table.add_column(column, justify="right" if column[0] in "lIta" and column not in ("target",) else "left")
+        for row in self.rows:
+            latency, accuracy, fid = row.get("latency") or {}, row.get("accuracy") or {}, row.get("fidelity") or {}
+            note = row.get("reason") or ""
+            if row.get("emulated"):
+                note = "emulated (qemu): times are not device times" + (f"; {note}" if note else "")
+            if row["status"] != OK:
+                note = f"{row['status']}: {note}"
+            table.add_row(row["candidate"], row["target"], row["engine"], _num(latency.get("median_ms")),
+                          _num(latency.get("iqr_ms")), _pct(accuracy.get("top1")), _pct(accuracy.get("top5")),
+                          _pct(fid.get("top1_agreement")), _sci(fid.get("max_rel_error")), note)
+        return table
+
+    def print(self) -> None:
+        from rich.console import Console
+
+        console = Console(soft_wrap=False, width=max(160, Console().width))
+        console.print(self.table())
+        for error in self.errors:
+            console.print(f"[red]error on {error['target']}[/red]: {error['message']} (completed: {error['completed']})")
+
+
+def _num(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _sci(value: Any) -> str:
+    return "" if value is None else f"{value:.1e}"

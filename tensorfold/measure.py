@@ -1,0 +1,274 @@
+"""`tf.measure`: candidates x engines x targets, timed interleaved, accuracy from each engine's own outputs.
+
+Per target: build what is not built yet, prepare every engine the target offers (this
+machine: torch eager, onnxruntime, TVM; a remote device: TVM over RPC), run the evaluation
+data through each (accuracy and fidelity come from those outputs), then time all runners
+in interleaved rounds. A target that fails (a server dying mid-measure) is recorded with
+what was completed; the other targets' results stay in the report.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tensorfold.ir import Graph
+from tensorfold.ir.errors import TensorfoldError
+from tensorfold.runtime import accuracy as acc
+from tensorfold.runtime import ort_engine, torch_engine, tvm_engine
+from tensorfold.runtime.datasets import load_data
+from tensorfold.runtime.engines import EngineFailed, EngineUnavailable, Runner, default_threads
+from tensorfold.runtime.measure_report import FAILED, OK, UNAVAILABLE, MeasureReport
+from tensorfold.runtime.timing import interleaved
+from tensorfold.targets import Artifact, Placement, Target, get_target
+from tensorfold.targets.rpc import RpcError, connect_direct, parse_address, request_session
+
+HOST_ENGINES = (torch_engine.NAME, ort_engine.NAME, tvm_engine.LOCAL)
+
+
+class MeasureError(TensorfoldError):
+    """A target failed during a measure; `.report` holds every result obtained (other targets included)."""
+
+    def __init__(self, message: str, report: MeasureReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Candidate:
+    name: str
+    graph: Graph | None
+    artifacts: dict[str, str] = field(default_factory=dict)  # target name -> artifact folder
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.graph is not None:
+            return tuple(self.graph.inputs[0].shape)
+        manifest = Artifact.open(next(iter(self.artifacts.values()))).manifest
+        return tuple(manifest["inputs"][0]["shape"])
+
+
+def measure(candidates: Any, targets: str | Target | Sequence[str | Target], data: Any = None, rounds: int = 20,
+            warmup: int = 3, tune_trials: int = 0, evaluator: Callable[[np.ndarray, np.ndarray], dict] | None = None,
+            report: str | os.PathLike | None = None, passes: str | None = None,
+            rpc_tracker: str | None = None, rpc_key: str | None = None, rpc_timeout: float = 5.0,
+            work_dir: str | os.PathLike | None = None, threads: int | None = None, limit: int | None = None,
+            random_samples: int = 8, progress: bool = True, strict: bool = True) -> MeasureReport:
+    """Measure latency and accuracy of every candidate on every engine of every target.
+
+    candidates: a model or a list of them (a Graph, an .onnx path, `torchvision:<arch>`, a factory
+    `pkg.mod:fn`, `digits`, or an artifact folder), or (name, model) pairs / a {name: model} dict;
+    the first is the original that fidelity is measured against. passes: also measure each
+    graph compressed with this pipeline. data: "digits", an ImageFolder directory, (images,
+    labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
+    called with each engine's outputs. rpc_tracker "HOST:PORT" + rpc_key: where remote targets
+    (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError
+    (its `.report` kept, and saved when `report` is given) when a target failed, unless strict=False.
+    """
+    threads = threads or default_threads()
+    # TVM sizes its thread pool on first use from this variable: same count as torch and onnxruntime.
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    target_list = [_placed(get_target(t), rpc_tracker, rpc_key) for t in
+                   ([targets] if isinstance(targets, (str, Target)) else list(targets))]
+    pool = _candidates(candidates, passes, progress)
+    shape = pool[0].input_shape
+    if data is not None:
+        images, labels, data_name = load_data(data, shape, limit)
+    else:
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((random_samples * shape[0], *shape[1:])).astype(np.float32)
+        labels, data_name = None, f"{len(images)} random inputs (fidelity only)"
+    work = os.fspath(work_dir) if work_dir else tempfile.mkdtemp(prefix="tensorfold-measure-")
+    result = MeasureReport(settings={
+        "rounds": rounds, "warmup": warmup, "threads": threads, "data": data_name, "samples": int(len(images)),
+        "tune_trials": tune_trials, "targets": [t.name for t in target_list], "work_dir": work,
+        "candidates": [c.name for c in pool], "interleaved": "every runner once per round, per target",
+        "reference": None})
+    outputs: dict[tuple[str, str, str], np.ndarray] = {}
+    for target in target_list:
+        _measure_target(result, outputs, pool, target, images, labels, evaluator, rounds, warmup, tune_trials,
+                        work, threads, rpc_timeout, progress)
+    _add_fidelity(result, outputs, pool[0].name)
+    if report is not None:
+        result.save(os.fspath(report))
+    if result.errors and strict:
+        raise MeasureError("; ".join(f"{e['message']} (completed: {e['completed']})"
+                                     for e in result.errors), result)
+    return result
+
+
+# ---- candidates and targets ------------------------------------------------------------------
+
+def _candidates(candidates: Any, passes: str | None, progress: bool) -> list[Candidate]:
+    if isinstance(candidates, dict):
+        items = list(candidates.items())
+    elif isinstance(candidates, (list, tuple)) and not _is_pair(candidates):
+        items = [c if _is_pair(c) else (None, c) for c in candidates]
+    else:
+        items = [candidates if _is_pair(candidates) else (None, candidates)]
+    pool: list[Candidate] = []
+    for index, (name, model) in enumerate(items):
+        candidate = _candidate(model, name or ("original" if index == 0 else f"candidate{index}"))
+        if any(c.name == candidate.name for c in pool):
+            candidate.name = f"{candidate.name}#{index}"
+        pool.append(candidate)
+        if passes and candidate.graph is not None:
+            import tensorfold as tf
+
+            compressed, _ = tf.compress(candidate.graph, passes, progress=progress)
+            pool.append(Candidate(f"{candidate.name} + {passes}", compressed))
+    if not pool:
+        raise TensorfoldError("measure: no candidates given")
+    return pool
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and not isinstance(value[1], str)
+
+
+def _candidate(model: Any, name: str) -> Candidate:
+    if isinstance(model, Graph):
+        return Candidate(name, model)
+    if isinstance(model, Artifact):
+        return Candidate(name, None, {model.target_name: model.path})
+    text = os.fspath(model)
+    if os.path.isdir(text):
+        artifact = Artifact.open(text)
+        return Candidate(name if name != "original" else os.path.basename(artifact.path.rstrip("/")) or name,
+                         None, {artifact.target_name: artifact.path})
+    from tensorfold.models import resolve
+
+    return Candidate(name, resolve(text))
+
+
+def _placed(target: Target, rpc_tracker: str | None, rpc_key: str | None) -> Target:
+    if target.placement.kind == "local" or not (rpc_tracker or rpc_key):
+        return target
+    if rpc_tracker and rpc_tracker.startswith("direct:"):
+        host, port = parse_address(rpc_tracker[len("direct:"):], 9090)
+        return target.with_placement(Placement("direct", None, host, port))
+    host, port = parse_address(rpc_tracker) if rpc_tracker else (target.placement.host, target.placement.port)
+    return target.with_placement(Placement("tracker", rpc_key or target.placement.key, host, port))
+
+
+def _engines(target: Target) -> list[str]:
+    if target.placement.kind != "local":
+        return [tvm_engine.REMOTE]
+    return list(HOST_ENGINES) if target.device == "cpu" else [tvm_engine.LOCAL]
+
+
+# ---- one target ------------------------------------------------------------------------------
+
+def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate], target: Target,
+                    images: np.ndarray, labels: np.ndarray | None, evaluator, rounds: int, warmup: int,
+                    tune_trials: int, work: str, threads: int, rpc_timeout: float, progress: bool) -> None:
+    engines = _engines(target)
+    rows = {(c.name, e): result.add(c.name, e, target.name, UNAVAILABLE) for c in pool for e in engines}
+    completed: list[str] = []
+    runners: list[tuple[Candidate, str, Runner]] = []
+    remote = None
+    try:
+        if tvm_engine.REMOTE in engines:
+            remote = _open_remote(target, rpc_timeout)  # an unreachable tracker fails before minutes of building
+            completed.append(f"session with {remote.host}:{remote.port}")
+        for candidate in pool:
+            _ensure_built(candidate, target, work, tune_trials, progress, rows)
+        for candidate in pool:
+            for engine in engines:
+                row = rows[(candidate.name, engine)]
+                if row.get("reason"):
+                    continue
+                try:
+                    runner = _prepare(engine, candidate, target, threads, remote)
+                except EngineUnavailable as e:
+                    row["reason"] = str(e)
+                    continue
+                row.update(status=OK, threads=runner.threads, emulated=runner.emulated, **runner.details)
+                runners.append((candidate, engine, runner))
+        for candidate, engine, runner in runners:
+            logits = acc.outputs_on(runner, images)
+            outputs[(candidate.name, engine, target.name)] = logits
+            row = rows[(candidate.name, engine)]
+            if labels is not None:
+                row["accuracy"] = acc.classification(logits, labels)
+                if evaluator is not None:
+                    row["evaluator"] = {k: _plain(v) for k, v in dict(evaluator(logits, labels)).items()}
+            completed.append(f"outputs of {candidate.name}/{engine}")
+        if runners:
+            timers = [runner.timer({runner.input_names[0]: images[:runner.batch]}) for _, _, runner in runners]
+            done = {"rounds": 0}
+            timings = interleaved(timers, rounds, warmup, on_round=lambda r: done.update(rounds=r))
+            for (candidate, engine, _), timing in zip(runners, timings):
+                rows[(candidate.name, engine)]["latency"] = timing.to_json()
+            completed.append(f"{rounds} timing rounds")
+    except (RpcError, EngineFailed) as e:
+        rounds_done = locals().get("done", {}).get("rounds")
+        if rounds_done is not None and f"{rounds} timing rounds" not in completed:
+            completed.append(f"{rounds_done} of {rounds} timing rounds")
+        for row in rows.values():
+            if row["status"] == OK and "latency" not in row:
+                row.update(status=FAILED, reason=f"{target.name} failed: {e}")
+        result.errors.append({"target": target.name, "message": f"{target.name}: {e}",
+                              "completed": ", ".join(completed) or "nothing"})
+    finally:
+        for _, _, runner in runners:
+            runner.close()
+        if remote is not None:
+            remote.session = None  # drop the session: the server frees the device for the next client
+
+
+def _ensure_built(candidate: Candidate, target: Target, work: str, tune_trials: int, progress: bool,
+                  rows: dict) -> None:
+    if target.name in candidate.artifacts:
+        return
+    if candidate.graph is None:
+        built_for = ", ".join(candidate.artifacts)
+        for (name, engine), row in rows.items():
+            if name == candidate.name and engine.startswith("tvm"):
+                row["reason"] = f"an artifact built for {built_for}, not {target.name} (give the model to rebuild)"
+        return
+    from tensorfold.build import build
+
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in candidate.name)
+    out = os.path.join(work, safe, target.key)
+    candidate.artifacts[target.name] = build(candidate.graph, target, out, tune_trials=tune_trials,
+                                             progress=progress).path
+
+
+def _open_remote(target: Target, timeout: float):
+    placement = target.placement
+    if placement.kind == "direct":
+        return connect_direct(placement.host, placement.port, timeout)
+    return request_session(placement.host, placement.port, placement.key, timeout)
+
+
+def _prepare(engine: str, candidate: Candidate, target: Target, threads: int, remote) -> Runner:
+    if engine == torch_engine.NAME:
+        return torch_engine.prepare(candidate.graph, threads)
+    if engine == ort_engine.NAME:
+        return ort_engine.prepare(candidate.graph, threads)
+    artifact = candidate.artifacts.get(target.name)
+    if artifact is None:
+        raise EngineUnavailable(f"{candidate.name} has no artifact for {target.name}")
+    if engine == tvm_engine.LOCAL:
+        return tvm_engine.prepare_local(artifact, threads)
+    return tvm_engine.prepare_remote(artifact, remote)
+
+
+def _add_fidelity(result: MeasureReport, outputs: dict, original: str) -> None:
+    """Fidelity to the original's outputs on the first engine that ran it (torch on the host, usually)."""
+    reference_key = next((k for k in outputs if k[0] == original), None)
+    if reference_key is None:
+        return
+    reference = outputs[reference_key]
+    result.settings["reference"] = "/".join(reference_key)
+    for (candidate, engine, target), values in outputs.items():
+        result.row(candidate, engine, target)["fidelity"] = acc.fidelity(values, reference)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,102 @@
+"""arm64 under qemu over TVM RPC through a tracker on loopback; unreachable trackers; a server dying mid-measure.
+
+Every tracker and server here listens on 127.0.0.1, runs in its own process group and is
+stopped in the fixture's teardown.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tensorfold as tf
+from tensorfold.examples import digits
+from tensorfold.measure import MeasureError
+from tensorfold.targets import qemu, rpc
+
+MISSING = qemu.missing_runtime()
+needs_qemu = pytest.mark.skipif(MISSING is not None, reason=f"arm64 under qemu unavailable: {MISSING}")
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    port = rpc.free_port()
+    managed = rpc.start_tracker("127.0.0.1", port)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        managed.stop()
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    model = digits.model(verbose=False)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.fc2.weight.mul_(-1.0)
+    example = (torch.zeros(digits.INPUT_SHAPE),)
+    return {"original": tf.capture(model, example), "wrong": tf.capture(wrong, example)}
+
+
+def test_unreachable_tracker_is_named_within_the_timeout(graphs, tmp_path):
+    port = rpc.free_port()  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(MeasureError, match=f"arm64.*127.0.0.1:{port}.*unreachable"):
+        tf.measure(graphs["original"], "arm64", rpc_tracker=f"127.0.0.1:{port}", rpc_timeout=2.0, rounds=1,
+                   warmup=0, work_dir=tmp_path, progress=False)
+    assert time.monotonic() - started < 10
+    started = time.monotonic()  # a blackholed address: the connect itself must time out
+    with pytest.raises(rpc.RpcError, match="10.255.255.1:9190"):
+        rpc.connect_tracker("10.255.255.1", 9190, timeout=2.0)
+    assert time.monotonic() - started < 5
+
+
+@needs_qemu
+def test_arm64_under_qemu_matches_x86(tracker, graphs, tmp_path):
+    host, port = tracker
+    key = "arm64-test"
+    with qemu.start_arm64_server(host, port, key):
+        report = tf.measure(graphs["original"], ["x86", "arm64"], data="digits", limit=24, rounds=2, warmup=1,
+                            rpc_tracker=f"{host}:{port}", rpc_key=key, work_dir=tmp_path, progress=False)
+    x86, arm = report.row("original", "tvm", "x86"), report.row("original", "tvm-rpc", "arm64")
+    assert arm["status"] == "ok" and arm["emulated"] is True and not x86.get("emulated")
+    assert arm["fidelity"]["max_rel_error"] < 1e-4 and arm["fidelity"]["top1_agreement"] == 1.0
+    assert arm["accuracy"]["top1"] == x86["accuracy"]["top1"] > 0.9
+    # and directly: arm64 outputs against x86 TVM outputs, both from the measure's own runs
+    assert abs(arm["accuracy"]["top1"] - x86["accuracy"]["top1"]) == 0
+
+
+@needs_qemu
+def test_server_killed_mid_measure_names_the_target_and_keeps_the_rest(tracker, graphs, tmp_path):
+    host, port = tracker
+    key = "arm64-doomed"
+    server = qemu.start_arm64_server(host, port, key)
+    calls = {"n": 0}
+
+    def killer(outputs, labels):
+        calls["n"] += 1
+        if calls["n"] == 7:  # x86 ran 2 candidates x 3 engines; this is arm64's first candidate: kill the server now
+            server.stop(grace=0.5)
+        return {}
+
+    try:
+        with pytest.raises(MeasureError) as caught:
+            tf.measure(graphs, ["x86", "arm64"], data="digits", limit=8, rounds=2, warmup=1, evaluator=killer,
+                       rpc_tracker=f"{host}:{port}", rpc_key=key, rpc_timeout=3.0, work_dir=tmp_path,
+                       report=tmp_path / "report.json", progress=False)
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert "arm64" in message and "outputs of original/tvm-rpc" in message
+    report = caught.value.report
+    assert [e["target"] for e in report.errors] == ["arm64"]
+    for name in graphs:
+        for engine in ("torch", "onnxruntime", "tvm"):
+            row = report.row(name, engine, "x86")
+            assert row["status"] == "ok" and row["latency"]["rounds"] == 2
+    assert report.row("original", "tvm-rpc", "arm64")["accuracy"]["top1"] > 0.9  # completed before the kill
+    assert report.row("wrong", "tvm-rpc", "arm64")["status"] == "failed"
+    assert (tmp_path / "report.json").exists()
