@@ -131,11 +131,16 @@ def _cuda(arch: str | None) -> Target:
                   description=f"an NVIDIA GPU of compute capability {arch}; compiled anywhere, run where a GPU is")
 
 
-def _arm64(mcpu: str | None) -> Target:
-    spec: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+def _aarch64_spec(triple: str, family: str, mcpu: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mattr": ["+neon"]}
     if mcpu:
-        _check_cpu(mcpu, "aarch64-linux-gnu", "arm64")
+        _check_cpu(mcpu, triple, family)
         spec["mcpu"] = mcpu
+    return spec
+
+
+def _arm64(mcpu: str | None) -> Target:
+    spec = _aarch64_spec("aarch64-linux-gnu", "arm64", mcpu)
     host, port = DEFAULT_TRACKER
     return Target("arm64" + (f":{mcpu}" if mcpu else ""), spec, link="cross-gcc",
                   placement=Placement("tracker", "arm64", host, port),
@@ -144,10 +149,7 @@ def _arm64(mcpu: str | None) -> Target:
 
 
 def _android_arm64(mcpu: str | None) -> Target:
-    spec: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]}
-    if mcpu:
-        _check_cpu(mcpu, "aarch64-linux-android", "android-arm64")
-        spec["mcpu"] = mcpu
+    spec = _aarch64_spec("aarch64-linux-android", "android-arm64", mcpu)
     host, port = DEFAULT_TRACKER
     return Target("android-arm64" + (f":{mcpu}" if mcpu else ""), spec, link="tar",
                   placement=Placement("tracker", "android", host, port),

@@ -56,6 +56,17 @@ def _assert_all_folded(report, remaining_bn: int, tools, count: int = 1) -> None
     assert remaining_bn == 0
 
 
+def _assert_exact_on_both_fronts(module: nn.Module, example: torch.Tensor, tools) -> None:
+    """fold_bn on the FX capture and on the ONNX export: exact, and no batch norm left."""
+    folded, report, error = _fold_fx(module, example, tools)
+    assert error < TOLERANCE
+    _assert_all_folded(report, tools.count_batchnorm_nodes_fx(folded.to_torch()), tools)
+
+    _, onnx_report, onnx_error, saved = _fold_onnx(tools.export_to_onnx(module, example), tools)
+    assert onnx_error < TOLERANCE
+    _assert_all_folded(onnx_report, tools.count_batchnorm_nodes_onnx(saved), tools)
+
+
 # ---- the layer zoo, torch side -----------------------------------------------------------------
 CONV2D = {
     "k3": dict(kernel_size=3),
@@ -116,13 +127,7 @@ def test_conv1d_bn_zoo(case, bias, tools):
     module = tools.randomize_batchnorms(nn.Sequential(nn.Conv1d(6, out_channels, bias=bias, **options),
                                                       nn.BatchNorm1d(out_channels)))
     example = torch.randn(2, 6, 17)
-    folded, report, error = _fold_fx(module, example, tools)
-    assert error < TOLERANCE
-    _assert_all_folded(report, tools.count_batchnorm_nodes_fx(folded.to_torch()), tools)
-
-    _, onnx_report, onnx_error, saved = _fold_onnx(tools.export_to_onnx(module, example), tools)
-    assert onnx_error < TOLERANCE
-    _assert_all_folded(onnx_report, tools.count_batchnorm_nodes_onnx(saved), tools)
+    _assert_exact_on_both_fronts(module, example, tools)
 
 
 CONV_TRANSPOSE = {
@@ -139,13 +144,7 @@ def test_conv_transpose2d_bn_zoo(case, bias, tools):
     module = tools.randomize_batchnorms(nn.Sequential(
         nn.ConvTranspose2d(8, 12, bias=bias, **CONV_TRANSPOSE[case]), nn.BatchNorm2d(12)))
     example = torch.randn(2, 8, 7, 6)
-    folded, report, error = _fold_fx(module, example, tools)
-    assert error < TOLERANCE
-    _assert_all_folded(report, tools.count_batchnorm_nodes_fx(folded.to_torch()), tools)
-
-    _, onnx_report, onnx_error, saved = _fold_onnx(tools.export_to_onnx(module, example), tools)
-    assert onnx_error < TOLERANCE
-    _assert_all_folded(onnx_report, tools.count_batchnorm_nodes_onnx(saved), tools)
+    _assert_exact_on_both_fronts(module, example, tools)
 
 
 def test_conv_transpose1d_bn(tools):
@@ -160,13 +159,7 @@ def test_conv_transpose1d_bn(tools):
 def test_linear_bn1d(bias, tools):
     module = tools.randomize_batchnorms(nn.Sequential(nn.Linear(20, 12, bias=bias), nn.BatchNorm1d(12), nn.ReLU()))
     example = torch.randn(5, 20)
-    folded, report, error = _fold_fx(module, example, tools)
-    assert error < TOLERANCE
-    _assert_all_folded(report, tools.count_batchnorm_nodes_fx(folded.to_torch()), tools)
-
-    _, onnx_report, onnx_error, saved = _fold_onnx(tools.export_to_onnx(module, example), tools)
-    assert onnx_error < TOLERANCE
-    _assert_all_folded(onnx_report, tools.count_batchnorm_nodes_onnx(saved), tools)
+    _assert_exact_on_both_fronts(module, example, tools)
 
 
 def test_bn_before_unpadded_conv_is_folded_and_exact(tools):
