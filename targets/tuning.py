@@ -38,6 +38,8 @@ class TuningSummary:
     tuned_before: list[str] = field(default_factory=list)   # had records: no trials spent on them
     tuned_now: list[str] = field(default_factory=list)
     untuned: list[str] = field(default_factory=list)        # still without a record (untuned code)
+    replay_failed: list[str] = field(default_factory=list)  # a record exists but did not replay: kept untuned
+    applied: list[str] = field(default_factory=list)        # functions compiled with a schedule from the database
     log_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -114,9 +116,44 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
         return mod, summary
     summary.tuned_now = [t.task_name for t in todo if has_record(database, t, tvm_target)]
     summary.untuned = [t.task_name for t in todo if t.task_name not in summary.tuned_now]
-    with tvm_target, database:
-        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    mod, summary.applied, summary.replay_failed = _apply_database(mod, database, tvm_target)
+    summary.untuned += [name for name in summary.replay_failed if name not in summary.untuned]
     return mod, summary
+
+
+def _apply_database(mod, database, tvm_target) -> tuple[object, list[str], list[str]]:
+    """The database's best schedule for every PrimFunc that has one, function by function.
+
+    What `relax.transform.MetaScheduleApplyDatabase` does, except that a record that cannot be
+    replayed leaves its function unscheduled (and named) instead of failing the whole build:
+    one database serves several models, and a workload that is structurally equal to one tuned
+    for another model can have other block names, so replaying its trace fails (seen here:
+    "Cannot find a block with the name: lv270_red" on a compressed MobileNet-v2).
+    """
+    import tvm
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+    from tvm.s_tir.schedule.schedule import ScheduleError
+
+    failed = []
+    updates = {}
+    with tvm_target:
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
+                continue
+            try:
+                schedule = database.query_schedule(_normalize_mod(func), tvm_target, gvar.name_hint)
+            except (ScheduleError, tvm.TVMError):  # one function at a time, on purpose
+                failed.append(gvar.name_hint)
+                continue
+            if schedule is not None:
+                scheduled = schedule.mod["main"].with_attr("tir.is_scheduled", True)
+                # the replayed function is called "main" in its own module; keep this module's name
+                updates[gvar] = scheduled.with_attr("global_symbol", gvar.name_hint)
+    if updates:
+        mod = mod.copy() if hasattr(mod, "copy") else mod
+        for gvar, func in updates.items():
+            mod[gvar] = func
+    return mod, sorted(g.name_hint for g in updates), failed
 
 
 def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, progress: bool) -> int:

@@ -55,6 +55,7 @@ def test_second_build_reuses_the_database_without_new_trials(tuned, tools):
     assert tuning["trials_spent"] == 0
     assert sorted(tuning["tuned_before"]) == sorted(first.manifest["tuning"]["tasks"])
     assert tuning["tuned_now"] == [] and tuning["untuned"] == []
+    assert sorted(tuning["applied"]) == sorted(tuning["tasks"])  # every task compiled from its record
     assert _records(root / "db") == records_before  # nothing measured, nothing written
     assert second.manifest["prepacked_weights"] == first.manifest["prepacked_weights"]
     assert tools.relative_error(tools.torch_output(model, x), second.load()(x.numpy())["output0"]) < 1e-4
