@@ -50,11 +50,11 @@ def spec_nodes(spec: Spec, x: str, y: str, prefix: str, in_rank: int) -> tuple[l
                         (("scale", "gamma"), ("bias", "beta"), ("mean", "mean"), ("var", "var"))]
         return [helper.make_node("BatchNormalization", inputs, [y], name=prefix, epsilon=spec.eps)], inits
     if isinstance(spec, TTLinear):
-        return _tt_nodes(spec, x, y, prefix, in_rank, const), inits
+        return _tt_nodes(spec, x, y, prefix, const), inits
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
-def _tt_nodes(spec: TTLinear, x: str, y: str, prefix: str, in_rank: int, const) -> list[onnx.NodeProto]:
+def _tt_nodes(spec: TTLinear, x: str, y: str, prefix: str, const) -> list[onnx.NodeProto]:
     """Reshape -> one Einsum per core -> Reshape, the same chain as TTLinearModule."""
     nodes = []
     lead = f"{prefix}_lead"

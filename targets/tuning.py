@@ -89,7 +89,6 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     Logs go to `work_dir`/logs: MetaSchedule's per-task logs and TVM's native stderr.
     """
     import tvm.s_tir.meta_schedule as ms
-    from tvm import relax
 
     tvm_target = target.tvm()
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
