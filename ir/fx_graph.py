@@ -9,10 +9,12 @@ The GraphModule is always kept in eval mode; `training` remembers how it arrived
 from __future__ import annotations
 
 import copy
+import io
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import onnx
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
@@ -223,7 +225,9 @@ class FxGraph(Graph):
 
     # ---- editing ---------------------------------------------------------------------------
     def copy(self) -> "FxGraph":
-        return FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.source, self.training)
+        clone = FxGraph(copy.deepcopy(self.gm), self.example_inputs, self.source, self.training)
+        clone.coding = self.coding  # immutable: shared, not copied
+        return clone
 
     def eval(self) -> "FxGraph":
         graph = self.copy()
@@ -319,6 +323,20 @@ class FxGraph(Graph):
         except Exception as e:  # noqa: BLE001 - re-raised with the graph named
             raise ExportError(f"{self.source}: torch.export of the captured graph failed: {e}") from e
 
+    def to_onnx(self) -> onnx.ModelProto:
+        """The graph as ONNX, in memory, every weight as it is: no constant folding (it would fuse a batch
+        norm into the conv before it, so the conv's k-means-coded weights would no longer be found)."""
+        names = [info.name for info in self.inputs]
+        buffer = io.BytesIO()
+        try:
+            torch.onnx.export(self.gm, self.example_inputs, buffer, input_names=names,
+                              output_names=self.output_names, dynamo=False, opset_version=17,
+                              do_constant_folding=False,
+                              dynamic_axes={n: {0: "batch"} for n in names + self.output_names})
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"{self.source}: exporting the graph to ONNX failed: {e}") from e
+        return onnx.load_from_string(buffer.getvalue())
+
     def save(self, path: str) -> None:
         path = os.fspath(path)
         ext = os.path.splitext(path)[1].lower()
@@ -332,8 +350,11 @@ class FxGraph(Graph):
                 torch.export.save(self.to_exported_program(), path)
             elif ext == ".pt":
                 torch.save(self.gm, path)
+            elif ext == ".tfz":
+                from .tfz import save_tfz
+                save_tfz(self, path)
             else:
-                raise ExportError(f"cannot write {path!r}: a torch graph saves as .onnx, .pt2 or .pt")
+                raise ExportError(f"cannot write {path!r}: a torch graph saves as .onnx, .pt2, .pt or .tfz")
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001

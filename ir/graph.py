@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InputShapeError, InvalidModelError
 from .specs import Cost, Spec, arrays_of, cost
+
+if TYPE_CHECKING:
+    from .coding import WeightCoding
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Graph(abc.ABC):
 
     source: str          # where it came from: a file path or a module's class name
     training: bool = False
+    coding: "WeightCoding | None" = None  # set by the kmeans pass: how a .tfz file stores the weights; copies keep it
 
     # ---- reading -------------------------------------------------------------------
     @property

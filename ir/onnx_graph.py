@@ -19,8 +19,10 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError, ExportError, InputShapeError, InvalidModelError
 from .graph import GRAPH_OUTPUT, Graph, Layer, TensorInfo
 from .onnx_nodes import spec_nodes
+from .quant_math import dequantize
 from .specs import BatchNorm, Conv, ConvTranspose, Linear, Spec
 
+_PARAM_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int32")}
 _LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
 
 
@@ -77,6 +79,9 @@ class OnnxGraph(Graph):
         self._layers: list[Layer] | None = None
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         self._constants = {t.name: t for t in self.model.graph.initializer}
+        self._quantized: set[str] = set()
+        self._scales = {name for node in self.model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                        for name in node.input[1:]}
         for node in self.model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self._constants[node.output[0]] = node.attribute[0].t
@@ -87,6 +92,13 @@ class OnnxGraph(Graph):
                 if node.op_type == "Transpose":
                     value = np.transpose(value, _attrs(node).get("perm"))
                 self._constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+            elif node.op_type == "DequantizeLinear" and all(i in self._constants for i in node.input if i):
+                # a quantized weight (QDQ): read as its float value, but the layer is marked quantized
+                arrays = [numpy_helper.to_array(self._constants[i]) if i else None for i in node.input]
+                axis = _attrs(node).get("axis", 1)
+                value = dequantize(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, axis)
+                self._constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+                self._quantized.add(node.output[0])
         self._shapes = self._infer_shapes()
 
     def _infer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -145,6 +157,8 @@ class OnnxGraph(Graph):
         if read is None:
             return None
         kind, spec, unusable, facts = read
+        if spec is not None and any(name in self._quantized for name in node.input[1:]):
+            unusable = "its weights are quantized (int8): quantize after the other passes"
         facts = {"op": node.op_type, "nodes": [node.name], **facts}
         output = facts.pop("output", node.output[0])
         return Layer(node.name, kind, spec, node.input[0], output, self._in_shape(node.input[0], facts),
@@ -259,8 +273,9 @@ class OnnxGraph(Graph):
         return unknown
 
     def total_params(self) -> int:
+        # float weights, and quantized ones (8-bit weights, 32-bit biases) with them; not shapes or indices
         return int(sum(int(np.prod(t.dims)) for t in self.model.graph.initializer
-                       if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"))
+                       if helper.tensor_dtype_to_np_dtype(t.data_type) in _PARAM_DTYPES and t.name not in self._scales))
 
     # ---- editing ----------------------------------------------------------------------
     def copy(self) -> "OnnxGraph":
@@ -268,6 +283,7 @@ class OnnxGraph(Graph):
         clone.model = copy.deepcopy(self.model)
         clone.source = self.source
         clone.training = self.training
+        clone.coding = self.coding  # immutable: shared, not copied
         clone._inputs = list(self._inputs)
         clone._invalidate()
         return clone
@@ -369,9 +385,14 @@ class OnnxGraph(Graph):
         path = os.fspath(path)
         if os.path.exists(path) and os.path.exists(self.source) and os.path.samefile(path, self.source):
             raise ExportError(f"refusing to write over the input file {self.source!r}; choose another output path")
-        if os.path.splitext(path)[1].lower() != ".onnx":
-            raise ExportError(f"cannot write {path!r}: an ONNX graph saves as .onnx")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in (".onnx", ".tfz"):
+            raise ExportError(f"cannot write {path!r}: an ONNX graph saves as .onnx or .tfz (k-means-coded)")
         self.check()
+        if ext == ".tfz":
+            from .tfz import save_tfz  # tfz builds on this module
+            save_tfz(self, path)
+            return
         try:
             onnx.save(self.model, path)
         except OSError as e:
@@ -411,10 +432,13 @@ def _require_opset(model: onnx.ModelProto, version: int) -> None:
 
 
 def load(path: str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> OnnxGraph:
-    """An ONNX file -> OnnxGraph, kept as ONNX. The file itself is never modified."""
+    """An ONNX or .tfz file -> OnnxGraph, kept as ONNX. The file itself is never modified."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CaptureError(f"{path}: no such file")
+    if path.lower().endswith(".tfz"):
+        from .tfz import load_tfz  # tfz builds on this module
+        return load_tfz(path, input_shapes)
     try:
         model = onnx.load(path)
     except Exception as e:  # noqa: BLE001

@@ -37,6 +37,7 @@ class PassReport:
     output_error_random: float | None = None
     output_error_calibration: float | None = None
     seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)  # pass-wide figures, e.g. file sizes
 
     def add(self, record: LayerRecord) -> LayerRecord:
         self.records.append(record)
@@ -103,6 +104,7 @@ class Report:
         console.print(table)
         notes = [f"warning: {w}" for w in self.warnings]
         notes += [f"left unchanged (op unknown to tensorfold): {node} [{op}]" for node, op in self.unknown_ops]
+        notes += [f"{p.name}: {key}: {value}" for p in self.passes for key, value in p.summary.items()]
         notes += [f"{key}: {value}" for key, value in self.extra.items()]
         for note in notes:
             console.print(note, markup=False)

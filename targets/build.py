@@ -18,6 +18,7 @@ from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
 from .frontend import to_relax
+from .int8_relax import has_qdq, int8_kernels, lower_qdq
 from .linking import check_toolchain, export
 from .registry import Target, get_target
 from .tuning import TuningSummary, default_database_dir, tune
@@ -42,8 +43,13 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
 
     mod, frontend = to_relax(graph)
     outputs = _output_infos(mod, list(graph.output_names))
+    int8 = None
+    if has_qdq(mod):  # a quantized (QDQ) graph: run its convs and matmuls on the integers
+        mod, int8 = lower_qdq(mod)
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
+    if int8 is not None:
+        int8.kernels = int8_kernels(mod)
     database_dir = os.path.abspath(tuning_db) if tuning_db else default_database_dir(target)
     mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress)
     prepacked = _prepack(mod, target) if prepack else None
@@ -62,6 +68,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         "files": files,
         "weights": "embedded in the library as constants",
         "prepacked_weights": prepacked is not None and _has_prepacked_kernels(mod),
+        "int8": int8.to_json() if int8 is not None else None,
         "tuning": {**tuning.to_json(), "log_dir": _relative(tuning.log_dir, out_dir)},
         "versions": _versions(),
         "build_seconds": round(time.perf_counter() - started, 2),

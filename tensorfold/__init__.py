@@ -22,8 +22,9 @@ def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example
              progress: bool = False) -> tuple[Graph, Report]:
     """Run a pipeline ("fold_bn, svd(rank=8)" or [(name, options), ...]) on a Graph or a module.
 
-    `calibration`: a list of input dicts ({input name: array}), or a list of arrays for a
-    single-input graph; errors are then also measured on it.
+    `calibration`: a list of arrays / tensors / {input name: array} dicts, a DataLoader, an
+    ImageFolder directory, a .npy file or "digits" (runtime/calibration.py); errors are then
+    also measured on it, and data-driven passes (int8) calibrate on it.
     """
     graph = graph_or_module
     if not isinstance(graph, Graph):
@@ -32,15 +33,10 @@ def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example
         graph = capture(graph_or_module, example_inputs)
     feeds = None
     if calibration is not None:
-        names = [i.name for i in graph.inputs]
-        feeds = [c if isinstance(c, dict) else {names[0]: _numpy(c)} for c in calibration]
-        feeds = [{k: _numpy(v) for k, v in f.items()} for f in feeds]
+        from tensorfold.runtime.calibration import calibration_feeds
+
+        feeds = calibration_feeds(calibration, graph)
     return _run_pipeline(graph, passes, calibration=feeds, progress=progress)
-
-
-def _numpy(value: Any):
-    import numpy as np
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
 __all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "load", "measure"]

@@ -56,13 +56,14 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
             report: str | os.PathLike | None = None, passes: str | None = None,
             rpc_tracker: str | None = None, rpc_key: str | None = None, rpc_timeout: float = 5.0,
             work_dir: str | os.PathLike | None = None, threads: int | None = None, limit: int | None = None,
-            random_samples: int = 8, progress: bool = True, strict: bool = True) -> MeasureReport:
+            random_samples: int = 8, progress: bool = True, strict: bool = True,
+            calibration: Any = None) -> MeasureReport:
     """Measure latency and accuracy of every candidate on every engine of every target.
 
     candidates: a model or a list of them (a Graph, an .onnx path, `torchvision:<arch>`, a factory
     `pkg.mod:fn`, `digits`, or an artifact folder), or (name, model) pairs / a {name: model} dict;
     the first is the original that fidelity is measured against. passes: also measure each
-    graph compressed with this pipeline. data: "digits", an ImageFolder directory, (images,
+    graph compressed with this pipeline (calibrated on `calibration`, see tf.compress). data: "digits", an ImageFolder directory, (images,
     labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
     called with each engine's outputs. rpc_tracker "HOST:PORT" + rpc_key: where remote targets
     (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError
@@ -74,7 +75,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     threads = int(os.environ["TVM_NUM_THREADS"])
     target_list = [_placed(get_target(t), rpc_tracker, rpc_key) for t in
                    ([targets] if isinstance(targets, (str, Target)) else list(targets))]
-    pool = _candidates(candidates, passes, progress)
+    pool = _candidates(candidates, passes, progress, calibration)
     shape = pool[0].input_shape
     if data is not None:
         images, labels, data_name = load_data(data, shape, limit)
@@ -103,7 +104,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
 
 # ---- candidates and targets ------------------------------------------------------------------
 
-def _candidates(candidates: Any, passes: str | None, progress: bool) -> list[Candidate]:
+def _candidates(candidates: Any, passes: str | None, progress: bool, calibration: Any = None) -> list[Candidate]:
     if isinstance(candidates, dict):
         items = list(candidates.items())
     elif isinstance(candidates, (list, tuple)) and not _is_pair(candidates):
@@ -119,7 +120,7 @@ def _candidates(candidates: Any, passes: str | None, progress: bool) -> list[Can
         if passes and candidate.graph is not None:
             import tensorfold as tf
 
-            compressed, _ = tf.compress(candidate.graph, passes, progress=progress)
+            compressed, _ = tf.compress(candidate.graph, passes, calibration=calibration, progress=progress)
             pool.append(Candidate(f"{candidate.name} + {passes}", compressed))
     if not pool:
         raise TensorfoldError("measure: no candidates given")

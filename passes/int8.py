@@ -1,0 +1,182 @@
+"""int8: post-training static quantization into a QDQ ONNX graph (onnxruntime.quantization).
+
+onnxruntime's quantizer is the kept implementation of min/max and percentile calibration
+and of the QDQ format that its int8 kernels (and TVM's import, see targets/int8_relax.py)
+recognise, so this pass drives it rather than writing another quantizer: weights int8,
+symmetric, per output channel; activations uint8 (asymmetric) per tensor — u8 x s8 is the
+pair x86 VNNI multiplies. A torch graph is exported to ONNX first: the result is ONNX.
+
+The per-layer error is the layer's own int8 arithmetic against its float arithmetic on
+the same recorded input: input fake-quantized with the layer's activation scale and zero
+point, weights and bias dequantized from the stored integers.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tensorfold.ir.errors import PipelineError
+from tensorfold.ir.graph import Graph, Layer
+from tensorfold.ir.onnx_graph import OnnxGraph
+
+from .measure import Feeds, _pooled_error, _record
+from tensorfold.ir.quant_math import fake_quant, fold_dequantize
+from .registry import Option, PassContext, register
+from .report import LayerRecord, PassReport
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@register("int8", options={
+    "calibrate": Option(str, "minmax", "activation ranges: minmax or percentile"),
+    "percentile": Option(float, 99.999, "the percentile kept when calibrate=percentile"),
+    "per_channel": Option(bool, True, "one weight scale per output channel (else per tensor)"),
+    "keep_first": Option(bool, False, "leave the first conv/linear layer in float"),
+    "keep_last": Option(bool, False, "leave the last conv/linear layer in float"),
+    "exclude": Option(str, "", "layers left in float: glob patterns on layer names, '|'-separated"),
+})
+def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
+    """Post-training static int8 (QDQ ONNX: s8 per-channel weights, u8 per-tensor activations); needs calibration data."""
+    started = time.perf_counter()
+    report = PassReport("int8")
+    feeds = context.inputs.calibration
+    if not feeds:
+        raise PipelineError("int8 needs calibration data: tf.compress(graph, 'int8', calibration=...) or "
+                            "`tensorfold compress ... --calibration PATH` (a .npy, an ImageFolder directory, 'digits')")
+    if options["calibrate"] not in ("minmax", "percentile"):
+        raise PipelineError(f"int8: calibrate={options['calibrate']!r}; expected minmax or percentile")
+    if not 0 < options["percentile"] <= 100:
+        raise PipelineError(f"int8: percentile={options['percentile']} must lie in (0, 100]")
+    source = _as_onnx(graph)
+    layers = [l for l in source.layers() if l.kind in ("conv", "linear") and l.facts["op"] in QUANTIZED_OPS]
+    kept = _kept_in_float(layers, options, report)
+    for layer in layers:
+        if layer.spec is None or layer.unusable:
+            kept.setdefault(layer.name, f"not quantized: {layer.unusable}")
+    for name, reason in kept.items():
+        report.skip(name, reason)
+    quantized = _quantize(source, feeds, options, exclude=[n for l in layers if l.name in kept
+                                                           for n in l.facts["nodes"]])
+    result = OnnxGraph(quantized, graph.source, {i.name: i.shape for i in graph.inputs})
+    dequantized = OnnxGraph(fold_dequantize(quantized), graph.source, {i.name: i.shape for i in graph.inputs})
+    for layer in layers:
+        if layer.name in kept:
+            continue
+        record = _layer_record(source, quantized, dequantized, layer, context)
+        if record is None:
+            report.skip(layer.name, "onnxruntime left it in float (no quantized input or weight)")
+        else:
+            report.add(record)
+    report.summary = {"model bytes fp32": source.model.ByteSize(), "model bytes int8": quantized.ByteSize(),
+                      "calibration batches": len(feeds)}
+    report.warnings.append("random inputs fall outside the calibrated ranges, so their errors are an upper bound; "
+                           "the calibration errors are the ones that predict accuracy")
+    return result, report
+
+
+def _as_onnx(graph: Graph) -> OnnxGraph:
+    if isinstance(graph, OnnxGraph):
+        return graph.copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        graph.save(path)
+        model = onnx.load(path)
+    return OnnxGraph(model, graph.source, {i.name: i.shape for i in graph.inputs})
+
+
+def _kept_in_float(layers: list[Layer], options: dict, report: PassReport) -> dict[str, str]:
+    kept = {}
+    if options["keep_first"] and layers:
+        kept[layers[0].name] = "kept in float: keep_first=true"
+    if options["keep_last"] and layers:
+        kept[layers[-1].name] = "kept in float: keep_last=true"
+    for pattern in filter(None, (p.strip() for p in options["exclude"].split("|"))):
+        matched = [l.name for l in layers if fnmatch.fnmatchcase(l.name, pattern)]
+        if not matched:
+            report.warnings.append(f"exclude pattern {pattern!r} matches no conv/linear layer")
+        for name in matched:
+            kept.setdefault(name, f"kept in float: excluded by {pattern!r}")
+    return kept
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: Feeds) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:  # pragma: no cover - only the SmoothQuant path of onnxruntime rewinds
+        raise NotImplementedError
+
+
+def _quantize(source: OnnxGraph, feeds: Feeds, options: dict, exclude: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(feeds)
+    method = CalibrationMethod.MinMax if options["calibrate"] == "minmax" else CalibrationMethod.Percentile
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    if options["calibrate"] == "percentile":
+        extra["CalibPercentile"] = options["percentile"]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's quantizer logs advice on the root logger at every call
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "int8.onnx")
+        try:
+            quantize_static(copy.deepcopy(source.model), path, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=options["per_channel"],
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra)
+        except Exception as e:  # noqa: BLE001 - named, with the model it failed on
+            raise PipelineError(f"{source.source}: onnxruntime's int8 quantizer failed: {type(e).__name__}: {e}") from e
+        finally:
+            root.setLevel(level)
+        return onnx.load(path)
+
+
+def _layer_record(source: OnnxGraph, quantized: onnx.ModelProto, dequantized: OnnxGraph, layer: Layer,
+                  context: PassContext) -> LayerRecord | None:
+    started = time.perf_counter()
+    node = next((n for n in quantized.graph.node if n.name == layer.name), None)
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    dq = producers.get(node.input[0]) if node is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or node.input[1] not in producers:
+        return None
+    constants = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    scale, zero_point = constants[dq.input[1]], constants[dq.input[2]]
+    int8_spec = dequantized.layer(layer.name).spec
+
+    def error(feeds: Feeds) -> float | None:
+        if not feeds:
+            return None
+        from tensorfold.ir.torch_modules import run_specs
+
+        pairs = []
+        for feed in feeds:
+            x = _record(source, feed, layer.input)
+            if layer.facts.get("transA"):
+                x = x.T
+            pairs.append((run_specs([layer.spec], x), run_specs([int8_spec], fake_quant(x, scale, zero_point))))
+        return _pooled_error(pairs)
+
+    weight = constants.get(producers[node.input[1]].input[0])
+    return LayerRecord(
+        layer.name, "quantized", method="int8 (u8 activations, s8 weights)",
+        params_before=layer.cost.params, params_after=layer.cost.params,
+        flops_before=layer.cost.flops, flops_after=layer.cost.flops,
+        error_random=error(context.inputs.random), error_calibration=error(context.inputs.calibration),
+        details={"input_scale": float(scale), "input_zero_point": int(zero_point),
+                 "weight_dtype": str(weight.dtype) if weight is not None else None,
+                 "weight_scales": int(np.size(constants.get(producers[node.input[1]].input[1], 1)))},
+        seconds=time.perf_counter() - started)

@@ -1,0 +1,155 @@
+"""QDQ float math -> integer conv2d / matmul in Relax, before building.
+
+TVM's ONNX frontend imports a QDQ model as float math: `dequantize(x_q)` and
+`dequantize(w_q)` feed a float conv2d or matmul, so the int8 weights would buy nothing.
+TVM 0.27 has no pass that turns this back into integer ops (Relay's QNN dialect and its
+canonicalisation are gone with Relay), so this module adds one with Relax's own pattern
+language (`relax.dpl.rewrite_call`):
+
+    conv2d(dequantize(x_q, s_x, z_x), dequantize(w_q, s_w, 0))
+      -> (conv2d(pad(x_q, value=z_x), w_q, out_dtype=int32) - z_x * sum(w_q)) * (s_x * s_w)
+
+Padding with z_x (the quantized zero) keeps the borders exact, and the z_x * sum(w_q)
+term removes the activation's zero point after an u8 x s8 -> s32 accumulation (the
+pair VNNI multiplies). Matmul (Gemm, MatMul) likewise. Requantisation of the output is
+the float multiply by s_x * s_w followed by the graph's own `quantize`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INTEGER_INPUTS = ("uint8", "int8")
+
+
+@dataclass
+class Int8Lowering:
+    """What ran in int8 after the rewrite, and what stayed float (with why)."""
+
+    int8_ops: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)  # compiled functions with int8 x int8 -> int32 reductions
+
+    def to_json(self) -> dict:
+        return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels}
+
+
+def has_qdq(mod) -> bool:
+    return "R.dequantize(" in mod.script(show_meta=False)
+
+
+def lower_qdq(mod):
+    """(module with integer conv2d/matmul, Int8Lowering)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    lowering = Int8Lowering()
+    x_q, s_x, z_x = wildcard(), is_const(), is_const()
+    w_q, s_w, z_w = is_const(), is_const(), is_const()
+    x_dq = is_op("relax.dequantize")(x_q, s_x, z_x)
+    w_dq = is_op("relax.dequantize")(w_q, s_w, z_w)
+    conv = is_op("relax.nn.conv2d")(x_dq, w_dq)
+    w_t = is_op("relax.permute_dims")(w_dq)
+    matmul = is_op("relax.matmul")(x_dq, w_t | w_dq)
+    names = {"x_q": x_q, "s_x": s_x, "z_x": z_x, "w_q": w_q, "s_w": s_w, "z_w": z_w, "w_dq": w_dq}
+
+    def parts(matches) -> dict | None:
+        got = {k: matches[p] for k, p in names.items()}
+        got["w_t"] = matches.get(w_t)
+        x_dtype = str(got["x_q"].ty.dtype) if hasattr(got["x_q"], "ty") else str(got["x_q"].struct_info.dtype)
+        arrays = {k: got[k].value.numpy() for k in ("s_x", "z_x", "w_q", "s_w", "z_w")}
+        if x_dtype not in INTEGER_INPUTS or arrays["w_q"].dtype != np.int8 or np.any(arrays["z_w"] != 0) \
+                or arrays["s_x"].size != 1 or arrays["z_x"].size != 1:
+            return None
+        arrays["axis"] = int(got["w_dq"].attrs.axis)
+        return {**got, **arrays}
+
+    def rewrite_conv(call, matches):
+        p = parts(matches)
+        attrs = call.attrs
+        if p is None or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" \
+                or (p["s_w"].size > 1 and p["axis"] != 0):
+            lowering.float_ops.append(f"conv2d {_shape(call)}: not a u8/s8 symmetric-weight QDQ pattern")
+            return call
+        weight, zero = p["w_q"], int(p["z_x"].reshape(()))
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        data = p["x_q"]
+        if top or left or bottom or right:
+            data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
+        acc = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
+                                 dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
+        channels = weight.shape[0]
+        correction = zero * weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
+        scale = (p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (channels,)))
+        lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} u8 x s8 -> s32")
+        return _dequantized(acc, correction.reshape(1, channels, 1, 1), scale.reshape(1, channels, 1, 1))
+
+    def rewrite_matmul(call, matches):
+        p = parts(matches)
+        if p is None:
+            lowering.float_ops.append(f"matmul {_shape(call)}: not a u8/s8 symmetric-weight QDQ pattern")
+            return call
+        weight, axis = p["w_q"], p["axis"]
+        if weight.ndim != 2 or (p["w_t"] is not None and [int(a) for a in p["w_t"].attrs.axes] != [1, 0]):
+            lowering.float_ops.append(f"matmul {_shape(call)}: weight is not a 2-D matrix")
+            return call
+        out_axis = 0 if p["w_t"] is not None else 1  # the weight axis that indexes the output columns
+        if p["s_w"].size > 1 and axis != out_axis:
+            lowering.float_ops.append(f"matmul {_shape(call)}: weight scales are not per output column")
+            return call
+        matrix = weight.T.copy() if p["w_t"] is not None else weight   # (in, out)
+        zero = int(p["z_x"].reshape(()))
+        acc = relax.op.matmul(p["x_q"], relax.const(matrix), out_dtype="int32")
+        columns = matrix.shape[1]
+        correction = zero * matrix.astype(np.int64).sum(axis=0)
+        scale = p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (columns,))
+        lowering.int8_ops.append(f"matmul {tuple(matrix.shape)} u8 x s8 -> s32")
+        return _dequantized(acc, correction, scale)
+
+    def _dequantized(acc, correction, scale):
+        if np.any(correction):
+            acc = relax.op.subtract(acc, relax.const(correction.astype(np.int32)))
+        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.astype(np.float32)))
+
+    updated = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            func = rewrite_call(conv, rewrite_conv, func)
+            func = rewrite_call(matmul, rewrite_matmul, func)
+        updated[gvar] = func
+    for gvar, func in updated.items():
+        mod[gvar] = func
+    return relax.transform.DeadCodeElimination()(mod), lowering
+
+
+def _shape(call) -> str:
+    info = getattr(call, "ty", None) or getattr(call, "struct_info", None)
+    return str(getattr(info, "shape", "?"))
+
+
+def int8_kernels(mod) -> list[str]:
+    """The TIR functions whose reduction multiplies 8-bit integer buffers into a 32-bit sum.
+
+    Read from the printed TIR (0.27 exposes no Python statement visitor): a buffer's dtype
+    from its declaration, and the reduction `acc = acc + Cast(int32, a) * Cast(int32, b)`.
+    """
+    from tvm import tirx
+
+    kernels = []
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        text = func.script()
+        dtypes = {name: dtype for name, dtype in _DECLARED.findall(text)}
+        for acc, a, b in _INT_MAC.findall(text):
+            if dtypes.get(acc) == "int32" and dtypes.get(a) in INTEGER_INPUTS and dtypes.get(b) in INTEGER_INPUTS:
+                kernels.append(f"{gvar.name_hint}: {dtypes[a]} x {dtypes[b]} -> int32")
+                break
+    return kernels
+
+
+_DECLARED = re.compile(r'(\w+)(?:: T\.Buffer| = T\.sblock_alloc_buffer)\(\((?:[^()]|\([^()]*\))*\)(?:, "(\w+)")?')
+_INT_MAC = re.compile(r'(\w+)\[[^\]]*\] = \1\[[^\]]*\] \+ T\.Cast\("int32", (\w+)\[[^\]]*\]\) '
+                      r'\* T\.Cast\("int32", (\w+)\[[^\]]*\]\)')

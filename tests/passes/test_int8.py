@@ -1,0 +1,162 @@
+"""int8: QDQ ONNX through onnxruntime's quantizer, per-layer errors checked against our own recomputation."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import tensorfold as tf
+from tensorfold.examples import digits
+from tensorfold.ir.errors import InputShapeError, PipelineError
+from tensorfold.runtime.datasets import DataError
+
+CALIBRATION = 256
+
+
+@pytest.fixture(scope="module")
+def folded_onnx(tmp_path_factory):
+    """The bundled digits CNN, BN folded, as an ONNX graph (so layer names are ONNX node names)."""
+    graph = tf.capture(digits.model(verbose=False), torch.zeros(digits.INPUT_SHAPE))
+    folded, _ = tf.compress(graph, "fold_bn")
+    path = tmp_path_factory.mktemp("int8") / "digits.onnx"
+    folded.save(str(path))
+    return tf.load(str(path), input_shapes={graph.inputs[0].name: (1, 1, 32, 32)})
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return digits.load_split()[0][:CALIBRATION]
+
+
+@pytest.fixture(scope="module")
+def quantized(folded_onnx, calibration):
+    return tf.compress(folded_onnx, "int8", calibration=[calibration[i:i + 32] for i in range(0, CALIBRATION, 32)])
+
+
+def _accuracy(graph, images, labels) -> float:
+    name = graph.inputs[0].name
+    logits = np.concatenate([graph.run({name: images[i:i + 64]})[graph.output_names[0]]
+                             for i in range(0, len(images), 64)])
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def test_digits_accuracy_within_half_a_point_in_onnxruntime(folded_onnx, quantized):
+    int8_graph, report = quantized
+    images, labels = digits.test_data()
+    fp32, int8 = _accuracy(folded_onnx, images, labels), _accuracy(int8_graph, images, labels)
+    assert int8 >= fp32 - 0.005, (fp32, int8)
+    ops = [n.op_type for n in int8_graph.model.graph.node]
+    assert ops.count("Conv") == 3 and "QuantizeLinear" in ops
+    weights = {t.name: t for t in int8_graph.model.graph.initializer}
+    conv_weights = [n.input[0] for n in int8_graph.model.graph.node
+                    if n.op_type == "DequantizeLinear" and n.output[0] in
+                    {c.input[1] for c in int8_graph.model.graph.node if c.op_type == "Conv"}]
+    assert all(numpy_helper.to_array(weights[w]).dtype == np.int8 for w in conv_weights) and len(conv_weights) == 3
+    summary = report.passes[0].summary
+    assert summary["model bytes int8"] < 0.35 * summary["model bytes fp32"]
+
+
+def _fake_quant(x, scale, zero_point):
+    q = np.clip(np.round(x / scale) + int(zero_point), 0, 255)  # np.round rounds half to even, as ONNX does
+    return (q - int(zero_point)) * scale
+
+
+def test_reported_layer_errors_match_an_independent_recomputation(folded_onnx, quantized, calibration):
+    int8_graph, report = quantized
+    model = int8_graph.model
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    feeds = [calibration[i:i + 32] for i in range(0, CALIBRATION, 32)]
+    name = folded_onnx.inputs[0].name
+    records = {r.layer: r for r in report.passes[0].changed}
+    assert set(records) == {"/conv1/Conv", "/conv2/Conv", "/conv3/Conv", "/fc1/Gemm", "/fc2/Gemm"}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        x_dq, w_dq, b_dq = (producer[i] for i in conv.input[:3])
+        x_scale, x_zero = init[x_dq.input[1]], init[x_dq.input[2]]
+        w = init[w_dq.input[0]].astype(np.float64) * init[w_dq.input[1]].reshape(-1, 1, 1, 1)
+        b = init[b_dq.input[0]].astype(np.float64) * init[b_dq.input[1]]
+        float_conv = next(n for n in folded_onnx.model.graph.node if n.name == conv.name)
+        float_w = numpy_helper.to_array(next(t for t in folded_onnx.model.graph.initializer
+                                             if t.name == float_conv.input[1])).astype(np.float64)
+        float_b = numpy_helper.to_array(next(t for t in folded_onnx.model.graph.initializer
+                                             if t.name == float_conv.input[2])).astype(np.float64)
+        num = den = 0.0
+        for feed in feeds:
+            x = folded_onnx.run({name: feed}, record=[float_conv.input[0]])[float_conv.input[0]].astype(np.float64)
+            ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(float_w), torch.from_numpy(float_b),
+                                             padding=1).numpy()
+            got = torch.nn.functional.conv2d(torch.from_numpy(_fake_quant(x, float(x_scale), x_zero)),
+                                             torch.from_numpy(w), torch.from_numpy(b), padding=1).numpy()
+            num += float(np.sum((ref - got) ** 2))
+            den += float(np.sum(ref ** 2))
+        independent = np.sqrt(num / den)
+        reported = records[conv.name].error_calibration
+        assert reported == pytest.approx(independent, rel=1e-4), conv.name
+        assert 0 < reported < 0.05, conv.name  # bounded: 8 bits keep a calibrated layer within 5 %
+
+
+def test_quantized_layers_are_marked_and_counted(quantized):
+    int8_graph, report = quantized
+    layers = int8_graph.layers()
+    assert layers and all(l.unusable and "quantized" in l.unusable for l in layers)
+    assert report.params_after == report.params_before  # int8 weights are still parameters
+    assert report.flops_after == report.flops_before
+
+
+def test_exclude_and_keep_last_leave_layers_in_float(folded_onnx, calibration):
+    graph, report = tf.compress(folded_onnx, "int8(exclude=/conv2*, keep_last=true)", calibration=[calibration[:64]])
+    skipped = {r.layer: r.reason for r in report.passes[0].records if r.action == "skipped"}
+    assert set(skipped) == {"/conv2/Conv", "/fc2/Gemm"}
+    producer = {o: n.op_type for n in graph.model.graph.node for o in n.output}
+    for node in graph.model.graph.node:
+        if node.name in skipped:
+            assert producer.get(node.input[1]) != "DequantizeLinear"  # float weight, untouched
+        elif node.op_type in ("Conv", "Gemm"):
+            assert producer[node.input[1]] == "DequantizeLinear"
+
+
+def test_int8_after_factorization_quantizes_the_factor_layers(calibration):
+    graph = tf.capture(digits.model(verbose=False), torch.zeros(digits.INPUT_SHAPE))
+    factored, _ = tf.compress(graph, "fold_bn, tucker2(ratio=2, include=conv3)", calibration=[calibration[:64]])
+    compressed, report = tf.compress(factored, "int8", calibration=[calibration[:64]])
+    quantized = [r.layer for r in report.passes[-1].changed]
+    assert len([n for n in quantized if "conv3" in n]) == 3  # the 1x1, core and 1x1 factors
+    images, labels = digits.test_data()
+    assert _accuracy(compressed, images, labels) >= _accuracy(factored, images, labels) - 0.01
+
+
+def test_needs_calibration(folded_onnx):
+    with pytest.raises(PipelineError, match="int8 needs calibration data"):
+        tf.compress(folded_onnx, "int8")
+
+
+def test_calibration_of_the_wrong_shape_names_input_and_shapes(folded_onnx):
+    name = folded_onnx.inputs[0].name
+    with pytest.raises(InputShapeError, match=rf"{name}.*\(4, 1, 28, 28\).*\(1, 1, 32, 32\)"):
+        tf.compress(folded_onnx, "int8", calibration=[np.zeros((4, 1, 28, 28), np.float32)])
+
+
+def test_empty_calibration_set(folded_onnx, tmp_path):
+    with pytest.raises(DataError, match="empty"):
+        tf.compress(folded_onnx, "int8", calibration=[])
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 1, 32, 32), np.float32))
+    with pytest.raises(DataError, match="empty"):
+        tf.compress(folded_onnx, "int8", calibration=str(empty))
+
+
+def test_npy_calibration_file(folded_onnx, calibration, tmp_path):
+    path = tmp_path / "calibration.npy"
+    np.save(path, calibration[:64])
+    graph, report = tf.compress(folded_onnx, "int8(calibrate=percentile, percentile=99.9)", calibration=str(path))
+    assert report.passes[0].summary["calibration batches"] == 2
+    assert len(report.passes[0].changed) == 5
+
+
+def test_bad_options(folded_onnx, calibration):
+    with pytest.raises(PipelineError, match="calibrate"):
+        tf.compress(folded_onnx, "int8(calibrate=kl)", calibration=[calibration[:8]])
+    with pytest.raises(PipelineError, match="percentile"):
+        tf.compress(folded_onnx, "int8(calibrate=percentile, percentile=0)", calibration=[calibration[:8]])

@@ -1,0 +1,94 @@
+"""A QDQ int8 graph builds with TVM into integer convolutions and matmuls, and keeps its accuracy."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import tensorfold as tf
+from tensorfold.examples import digits
+from tensorfold.targets import load_artifact
+
+
+@pytest.fixture(scope="module")
+def digits_graphs():
+    graph = tf.capture(digits.model(verbose=False), torch.zeros(digits.INPUT_SHAPE))
+    fp32, _ = tf.compress(graph, "fold_bn")
+    int8, _ = tf.compress(fp32, "int8", calibration="digits")
+    return fp32, int8
+
+
+def _artifact_accuracy(artifact, images, labels) -> float:
+    run = load_artifact(artifact.path)
+    logits = np.concatenate([next(iter(run(images[i:i + 1]).values())) for i in range(len(images))])
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def test_digits_int8_build_runs_int8_kernels_within_half_a_point(digits_graphs, tmp_path):
+    fp32, int8 = digits_graphs
+    images, labels = digits.test_data()
+    built_fp32 = tf.build(fp32, "x86", tmp_path / "fp32", progress=False)
+    built_int8 = tf.build(int8, "x86", tmp_path / "int8", progress=False)
+
+    lowering = built_int8.manifest["int8"]
+    assert len(lowering["int8_ops"]) == 5 and lowering["float_ops"] == []  # 3 convs, 2 matmuls
+    assert len(lowering["int8_kernels"]) == 5
+    assert all("uint8 x int8 -> int32" in k for k in lowering["int8_kernels"])
+    assert built_fp32.manifest["int8"] is None
+
+    fp32_accuracy = _artifact_accuracy(built_fp32, images, labels)
+    int8_accuracy = _artifact_accuracy(built_int8, images, labels)
+    assert int8_accuracy >= fp32_accuracy - 0.005, (fp32_accuracy, int8_accuracy)
+
+
+class Awkward(nn.Module):
+    """Stride, padding, dilation, groups, odd sizes; activations of both signs, so zero points are far from 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, bias=False)
+        self.fc = nn.Linear(8 * 5 * 6, 7)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.conv2(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_lowering_matches_the_float_qdq_math(tmp_path):
+    from tvm import relax
+    import tvm
+    from tensorfold.targets.frontend import to_relax
+    from tensorfold.targets.int8_relax import lower_qdq
+
+    torch.manual_seed(0)
+    model = Awkward().eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.uniform(-1, 2, (8, 3, 10, 11)).astype(np.float32) for _ in range(2)]
+    graph, _ = tf.compress(tf.capture(model, torch.zeros(1, 3, 10, 11)), "int8", calibration=calibration)
+    mod, _ = to_relax(graph)
+    lowered, lowering = lower_qdq(mod)
+    assert len(lowering.int8_ops) == 3 and not lowering.float_ops
+
+    x = rng.uniform(-1, 2, (1, 3, 10, 11)).astype(np.float32)
+    target = tvm.target.Target.from_device(tvm.cpu())
+    outputs = []
+    for module in (mod, lowered):
+        vm = relax.VirtualMachine(tvm.compile(module, target=target), tvm.cpu())
+        outputs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    reference = graph.run({graph.inputs[0].name: x})[graph.output_names[0]]
+    final_scale = _output_scale(graph.model)
+    # the integer path computes the same sums exactly; float rounding may flip a quantized value by one step
+    assert np.max(np.abs(outputs[1] - outputs[0])) <= 1.01 * final_scale
+    assert np.max(np.abs(outputs[1] - reference)) <= 1.01 * final_scale
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    from onnx import numpy_helper
+
+    last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    scale = next(t for t in model.graph.initializer if t.name == last.input[1])
+    return float(numpy_helper.to_array(scale))
