@@ -1,5 +1,6 @@
 """ResNet-18 and MobileNet-v2, batch 1, on x86: torch eager, onnxruntime, TVM untuned, TVM tuned,
-the original and a compressed variant; prints each median and the ratios.
+the original and a compressed variant; prints each median, the ratios, and each engine's achieved
+GFLOP/s as a fraction of this CPU's measured fp32 GEMM peak (peak.py, same thread count).
 
     python benchmarks/engines.py --tune-trials 512 --rounds 30
     python benchmarks/engines.py --tune-trials 0 --rounds 3 --size 64 --models resnet18   # smoke run
@@ -10,13 +11,18 @@ gives a variant that actually changes the cost.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
+
+from peak import measure_peak_gflops
 
 import tensorfold as tf
 from tensorfold.models import resolve
+from tensorfold.runtime.engines import default_threads
 
 
-def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup: int, work: str) -> None:
+def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup: int, work: str, peak: dict) -> None:
     graph = resolve(f"torchvision:{arch}", (1, 3, size, size))
     compressed, _ = tf.compress(graph, passes)
     candidates = {"original": graph, "compressed": compressed}
@@ -41,6 +47,29 @@ def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup
         for candidate in candidates:
             ratio = medians[(candidate, "tvm-tuned")] / medians[(candidate, "onnxruntime")]
             print(f"  {candidate}: TVM tuned / onnxruntime: {ratio:.3f}")
+        _print_tuning(f"{work}/tuned", candidates)
+    print(f"  achieved GFLOP/s (% of the {peak['peak_gflops']:.1f} GFLOP/s fp32 GEMM peak, {peak['threads']} threads); "
+          "FLOPs of the conv/linear/batch-norm layers, 2 per multiply-add:")
+    for candidate, candidate_graph in candidates.items():
+        flops = candidate_graph.layer_cost().flops
+        rates = {e: flops / (medians.get((candidate, e), float("nan")) * 1e-3) / 1e9 for e in engines}
+        print("  " + candidate.ljust(11) + f"{flops / 1e9:.3f} GFLOP  "
+              + "  ".join(f"{e} {rate:.1f} ({100 * rate / peak['peak_gflops']:.0f}%)" for e, rate in rates.items()))
+
+
+def _print_tuning(work: str, candidates: dict) -> None:
+    """Budget, time and untuned tasks of each tuned build, and the tasks that take most of its time."""
+    from tensorfold.targets import get_target
+    from tensorfold.targets.tuning_profile import top_tasks
+
+    for candidate in candidates:
+        # where tf.measure builds a candidate: <work_dir>/<candidate>/<target key>
+        with open(os.path.join(work, candidate, get_target("x86").key, "manifest.json")) as f:
+            tuning = json.load(f)["tuning"]
+        print(f"  {candidate}: tuning {tuning['trials_spent']} of {tuning['budget']} trials in {tuning['seconds']} s; "
+              f"{len(tuning['untuned'])} of {len(tuning['tasks'])} tasks untuned; largest tasks:")
+        for line in top_tasks(tuning["task_profile"], 3):
+            print(f"    {line}")
 
 
 def main() -> None:
@@ -52,9 +81,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    # the roofline first, on the thread count tf.measure will use, while nothing else runs
+    peak = measure_peak_gflops(default_threads())
+    print(f"fp32 GEMM peak: {peak['peak_gflops']:.1f} GFLOP/s ({peak['best']}, {peak['threads']} threads)")
     with tempfile.TemporaryDirectory(prefix="tensorfold-bench-") as work:
         for arch in args.models.split(","):
-            run(arch.strip(), args.size, args.passes, args.tune_trials, args.rounds, args.warmup, work)
+            run(arch.strip(), args.size, args.passes, args.tune_trials, args.rounds, args.warmup, work, peak)
 
 
 if __name__ == "__main__":

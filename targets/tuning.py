@@ -7,7 +7,6 @@ build's work dir (MetaSchedule prints a table per iteration otherwise).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,11 +18,10 @@ import cloudpickle
 from tensorfold.ir.errors import BuildError, TargetError
 
 from .registry import Target
+from .tuning_database import has_record, open_database
+from .tuning_profile import profile_tasks
 from .tuning_progress import TrialProgress, native_stderr_to
 
-WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so that
-RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too
-TARGET_FILE = "tensorfold_target.json"
 TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (toolchain.md)
 
 
@@ -37,9 +35,11 @@ class TuningSummary:
     tasks: list[str] = field(default_factory=list)
     tuned_before: list[str] = field(default_factory=list)   # had records: no trials spent on them
     tuned_now: list[str] = field(default_factory=list)
-    untuned: list[str] = field(default_factory=list)        # still without a record (untuned code)
+    untuned: list[str] = field(default_factory=list)        # compiled without a schedule (untuned code)
     replay_failed: list[str] = field(default_factory=list)  # a record exists but did not replay: kept untuned
     applied: list[str] = field(default_factory=list)        # functions compiled with a schedule from the database
+    database_repairs: list[str] = field(default_factory=list)  # damaged lines dropped before opening
+    task_profile: list[dict] = field(default_factory=list)  # tuning_profile.TaskProfile, largest share first
     log_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -55,34 +55,6 @@ def default_database_dir(target: Target) -> str:
     return os.path.join(root, target.key)
 
 
-def open_database(directory: str, target: Target, create: bool):
-    """The JSON database in `directory`, or None if it does not exist and `create` is False."""
-    import tvm.s_tir.meta_schedule as ms
-
-    marker = os.path.join(directory, TARGET_FILE)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            owner = json.load(f).get("key")
-        if owner != target.key:
-            raise TargetError(f"tuning database {directory} belongs to target key {owner!r}, not {target.key!r} "
-                              f"({target.name}); records of another CPU would mislead the tuner: choose another "
-                              "--tuning-db")
-    elif not create and not os.path.isfile(os.path.join(directory, RECORD_FILE)):
-        return None
-    os.makedirs(directory, exist_ok=True)
-    if not os.path.isfile(marker):
-        with open(marker, "w") as f:
-            json.dump({"key": target.key, "target": target.tvm_target}, f, indent=1)
-    return ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
-                                    path_tuning_record=os.path.join(directory, RECORD_FILE))
-
-
-def has_record(database, task, tvm_target) -> bool:
-    # has_workload() is not enough: a task is committed as a workload before its first
-    # trial, so one cut off by the budget has a workload and no record.
-    return database.query_tuning_record(task.dispatched[0], tvm_target, "main") is not None
-
-
 def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, progress: bool):
     """Tune what the database lacks, then apply it. Returns (module with schedules, summary).
 
@@ -93,7 +65,8 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     tvm_target = target.tvm()
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
-    database = open_database(database_dir, target, create=False)
+    database, repair = open_database(database_dir, target, create=False)
+    summary.database_repairs = repair.messages()
     summary.database_found = database is not None
     recorded = [database is not None and has_record(database, t, tvm_target) for t in tasks]
     todo = [t for t, done in zip(tasks, recorded) if not done]
@@ -105,17 +78,20 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
                 f"({target.placement.describe(target.device)}); build with --tune-trials 0 (records already in "
                 "the database are still applied), or tune where the device is")
         if database is None:
-            database = open_database(database_dir, target, create=True)
+            database, _ = open_database(database_dir, target, create=True)
         start = time.perf_counter()
         summary.trials_spent = _tune_tasks(todo, database, target, trials, work_dir, progress)
         summary.seconds = round(time.perf_counter() - start, 2)
         summary.log_dir = os.path.join(work_dir, "logs")
+    summary.task_profile = profile_tasks(tasks, database, tvm_target)
     if database is None:
         summary.untuned = list(summary.tasks)
         return mod, summary
     summary.tuned_now = [t.task_name for t in todo if has_record(database, t, tvm_target)]
-    summary.untuned = [t.task_name for t in todo if t.task_name not in summary.tuned_now]
     mod, summary.applied, summary.replay_failed = _apply_database(mod, database, tvm_target)
+    # judged by what is compiled, not by what the database holds: a task is named after one of
+    # its functions (task_extraction.cc), and a function left without a schedule runs untuned code
+    summary.untuned = [name for name in summary.tasks if name not in summary.applied]
     summary.untuned += [name for name in summary.replay_failed if name not in summary.untuned]
     return mod, summary
 

@@ -19,17 +19,33 @@ def _compress(args: argparse.Namespace) -> int:
         raise TensorfoldError(f"refusing to write over the input file {args.model!r}; choose another -o")
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     evaluate = args.eval or ("digits" if args.model in EXAMPLES or args.model == EXAMPLES["digits"] else None)
-    compressed, report = tf.compress(graph, args.passes, progress=not args.quiet)
+    compressed, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
     if evaluate == "digits":
         _add_digits_accuracy(report, graph, compressed)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     compressed.save(out)
+    if out.lower().endswith(".tfz"):
+        from tensorfold.ir.tfz import sizes
+
+        report.extra["file bytes"] = sizes(compressed)
     print(report.table())
     print(f"wrote {out}")
     if args.report:
         report.save(args.report)
         print(f"wrote {args.report}")
     return 0
+
+
+def _calibration(args: argparse.Namespace):
+    """--calibration, or for the bundled digits model its training images (the test images stay held out)."""
+    from tensorfold.models import EXAMPLES
+
+    if args.calibration:
+        return args.calibration
+    models = getattr(args, "models", None) or [args.model]
+    if any(m in EXAMPLES or m == EXAMPLES["digits"] for m in models):
+        return "digits"
+    return None
 
 
 def _add_digits_accuracy(report, original, compressed) -> None:
@@ -62,7 +78,7 @@ def _build(args: argparse.Namespace) -> int:
     get_target(args.target)  # a bad target name fails before the model is loaded
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     if args.passes:
-        graph, report = tf.compress(graph, args.passes, progress=not args.quiet)
+        graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
         print(report.table())
     artifact = tf.build(graph, args.target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
                         progress=not args.quiet)
@@ -77,9 +93,18 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _untuned_line(tuning: dict) -> str:
+    untuned, total = tuning["untuned"], len(tuning["tasks"])
+    if not untuned:
+        return f"0 of {total} tasks ran untuned"
+    return f"{len(untuned)} of {total} tasks ran untuned (slow, unscheduled code): {', '.join(untuned)}"
+
+
 def _print_artifact(artifact) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from tensorfold.targets.tuning_profile import top_tasks
 
     manifest, tuning = artifact.manifest, artifact.manifest["tuning"]
     table = Table(title=f"built {manifest['source']} for {manifest['target']['name']}", show_header=False)
@@ -94,10 +119,21 @@ def _print_artifact(artifact) -> None:
                                                   else " (new)" if tuning["trials_spent"] else " (absent: nothing reused)")),
         ("tasks", f"{len(tuning['tasks'])}: {len(tuning['tuned_before'])} reused, {len(tuning['tuned_now'])} tuned now, "
                   f"{len(tuning['untuned'])} untuned"),
+        ("untuned", _untuned_line(tuning)),
         ("trials spent", f"{tuning['trials_spent']} of {tuning['budget']} ({tuning['seconds']} s)"),
         ("prepacked weights", str(manifest["prepacked_weights"])),
         ("build time", f"{manifest['build_seconds']} s"),
     ]
+    if tuning.get("database_repairs"):
+        rows.append(("database repaired", "\n".join(tuning["database_repairs"])))
+    slowest = top_tasks(tuning.get("task_profile", []))
+    if slowest:
+        rows.append(("largest tasks", "\n".join(slowest)))
+    if manifest.get("int8"):
+        int8 = manifest["int8"]
+        rows.append(("int8", f"{len(int8['int8_ops'])} conv/matmul ops on 8-bit integers "
+                              f"({len(int8['int8_kernels'])} compiled int8 kernels); {len(int8['float_ops'])} left in float"
+                     + "".join(f"\n  float: {op}" for op in int8["float_ops"])))
     if manifest["files"].get("link_instructions"):
         rows.append(("to link", manifest["files"]["link_instructions"]))
     for key, value in rows:
@@ -131,7 +167,8 @@ def _measure(args: argparse.Namespace) -> int:
         report = measure(args.models, args.target, data=data, rounds=args.rounds, warmup=args.warmup,
                          tune_trials=args.tune_trials, report=args.report, passes=args.passes,
                          rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_timeout=args.rpc_timeout,
-                         work_dir=args.work_dir, threads=args.threads, limit=args.limit, progress=not args.quiet)
+                         work_dir=args.work_dir, threads=args.threads, limit=args.limit, progress=not args.quiet,
+                         calibration=_calibration(args))
     except MeasureError as e:
         e.report.print()
         if args.report:
@@ -200,11 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="run a pass pipeline on a model and write the result")
     compress.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or 'digits'")
     compress.add_argument("-p", "--passes", required=True, help='pipeline, e.g. "fold_bn, svd(rank=8)"')
-    compress.add_argument("-o", "--output", required=True, help="output file: .onnx (any model), .pt2 or .pt (torch)")
+    compress.add_argument("-o", "--output", required=True,
+                          help="output file: .onnx (any model), .pt2 or .pt (torch), .tfz (after kmeans)")
     compress.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     compress.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     compress.add_argument("--report", help="write the JSON report here")
     compress.add_argument("--eval", choices=["digits"], help="also report accuracy before/after on a bundled dataset")
+    compress.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
+                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
     compress.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     compress.set_defaults(func=_compress)
 
@@ -223,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     build.add_argument("--report", help="also write the manifest (with the tuning summary) here")
+    build.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
+                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     build.set_defaults(func=_build)
 
@@ -247,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds to reach the tracker (default 5)")
     measure.add_argument("--work-dir", help="where to build artifacts (default: a temporary folder)")
     measure.add_argument("--report", help="write report.json here, and PNG plots beside it")
+    measure.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
+                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
     measure.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     measure.set_defaults(func=_measure)
 

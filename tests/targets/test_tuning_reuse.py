@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.targets.tuning import RECORD_FILE
+from tensorfold.targets.tuning_database import RECORD_FILE, WORKLOAD_FILE
 
 TRIALS = 4  # a handful: tuning is slow on 2 cores; what is tested is the bookkeeping and reuse
 
@@ -42,6 +43,12 @@ def test_tuned_build_spends_its_trials_and_is_correct(tuned, tools):
     # MetaSchedule's logs are kept in files under the artifact folder
     assert list((root / "first" / "logs").rglob("*.log"))
     assert artifact.manifest["prepacked_weights"] in (True, False)
+    # the profile comes from the best record of each task: its FLOPs are the conv's own (2 x MACs
+    # + bias + relu, counted here) and the shares of time add up to one
+    (task,) = tuning["task_profile"]
+    assert task["flops"] == 2 * 8 * 16 * 16 * 3 * 3 * 3 + 2 * 8 * 16 * 16
+    assert task["best_us"] > 0 and task["gflops"] == pytest.approx(task["flops"] / task["best_us"] / 1e3, rel=0.01)
+    assert task["share"] == 1.0
     error = tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"])
     assert error < 1e-4
 
@@ -56,6 +63,7 @@ def test_second_build_reuses_the_database_without_new_trials(tuned, tools):
     assert sorted(tuning["tuned_before"]) == sorted(first.manifest["tuning"]["tasks"])
     assert tuning["tuned_now"] == [] and tuning["untuned"] == []
     assert sorted(tuning["applied"]) == sorted(tuning["tasks"])  # every task compiled from its record
+    assert tuning["database_repairs"] == []
     assert _records(root / "db") == records_before  # nothing measured, nothing written
     assert second.manifest["prepacked_weights"] == first.manifest["prepacked_weights"]
     assert tools.relative_error(tools.torch_output(model, x), second.load()(x.numpy())["output0"]) < 1e-4
@@ -67,6 +75,45 @@ def test_untuned_build_still_applies_the_database(tuned):
                         progress=False)
     assert artifact.manifest["tuning"]["trials_spent"] == 0
     assert artifact.manifest["tuning"]["tuned_before"] == first.manifest["tuning"]["tasks"]
+
+
+def test_damaged_database_keeps_its_good_records_and_is_reused(tuned, tmp_path, tools):
+    """What a killed run can leave: a truncated last line; plus a garbage line in the middle."""
+    root, model, x, first = tuned
+    database = tmp_path / "db"
+    shutil.copytree(root / "db", database)
+    good = (database / RECORD_FILE).read_text().splitlines()
+    assert len(good) >= 2
+    damaged = good[:1] + ["{garbage"] + good[1:] + [good[-1][:len(good[-1]) // 2]]
+    (database / RECORD_FILE).write_text("\n".join(damaged))  # no final newline: cut off mid-line
+
+    artifact = tf.build(tf.capture(model, (x,)), "x86", tmp_path / "out", tune_trials=TRIALS,
+                        tuning_db=database, progress=False)
+
+    tuning = artifact.manifest["tuning"]
+    assert (database / RECORD_FILE).read_text().splitlines() == good  # all good lines, no new trial
+    assert tuning["trials_spent"] == 0 and tuning["tuned_now"] == [] and tuning["untuned"] == []
+    assert sorted(tuning["tuned_before"]) == sorted(tuning["applied"]) == sorted(first.manifest["tuning"]["tasks"])
+    assert tuning["database_repairs"] == [f"{RECORD_FILE}: dropped 2 damaged line(s) (line 2, {len(good) + 2}): "
+                                          "not the JSON MetaSchedule writes, e.g. cut off by a killed tuning run"]
+    assert (database / WORKLOAD_FILE).read_text() == (root / "db" / WORKLOAD_FILE).read_text()
+    assert tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"]) < 1e-4
+
+
+def test_untuned_build_names_every_task_it_could_not_schedule(tmp_path, capsys, monkeypatch):
+    from tensorfold.cli import _print_artifact
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich folds long cells at the terminal's width
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    artifact = tf.build(tf.capture(model, (torch.randn(1, 3, 16, 16),)), "x86", tmp_path / "out", tune_trials=0,
+                        tuning_db=tmp_path / "empty", progress=False)
+    tuning = artifact.manifest["tuning"]
+    assert len(tuning["tasks"]) == 2 and sorted(tuning["untuned"]) == sorted(tuning["tasks"])
+    assert tuning["applied"] == [] and all(task["best_us"] is None for task in tuning["task_profile"])
+    _print_artifact(artifact)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"2 of 2 tasks ran untuned (slow, unscheduled code): {', '.join(tuning['untuned'])}" in printed
 
 
 def test_database_of_another_target_is_refused(tuned):

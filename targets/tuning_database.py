@@ -1,0 +1,192 @@
+"""The tuning database on disk: MetaSchedule's two JSON-lines files, checked and repaired before opening.
+
+MetaSchedule's JSONDatabase appends one line per workload and one per measured candidate,
+opening the file, writing and flushing (`std::endl`) each time (`JSONFileAppendLine` in
+src/s_tir/meta_schedule/database/json_database.cc), so a killed tuning run keeps every
+record measured so far. What a kill can leave is a truncated last line, and the loader then
+refuses the whole database ("parallel_for_dynamic error with Unexpected end of string");
+were it opened anyway, the next append would be glued onto the broken line. So every line
+is checked here first: a line that is not JSON of the shape the loader expects is dropped,
+records are renumbered to the workloads kept, and the files are rewritten atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from tensorfold.ir.errors import BuildError, TargetError
+
+from .registry import Target
+
+WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so that
+RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too
+TARGET_FILE = "tensorfold_target.json"
+PENDING_SUFFIX = ".repair"  # renumbered records waiting for the workload file's replacement
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DatabaseRepair:
+    """What was dropped from each file, by 1-based line number."""
+    directory: str
+    dropped: dict[str, list[int]] = field(default_factory=dict)   # file name -> damaged lines
+    orphaned: list[int] = field(default_factory=list)  # record lines whose workload line was dropped
+
+    def messages(self) -> list[str]:
+        texts = [f"{name}: dropped {len(lines)} damaged line(s) (line {_spans(lines)}): not the JSON "
+                 "MetaSchedule writes, e.g. cut off by a killed tuning run"
+                 for name, lines in self.dropped.items() if lines]
+        if self.orphaned:
+            texts.append(f"{RECORD_FILE}: dropped {len(self.orphaned)} record(s) (line {_spans(self.orphaned)}) "
+                         "whose workload line was damaged or missing")
+        return texts
+
+
+def open_database(directory: str, target: Target, create: bool):
+    """The JSON database in `directory` (repaired first), or None if absent and `create` is False.
+
+    Returns (database or None, DatabaseRepair).
+    """
+    import tvm.s_tir.meta_schedule as ms
+
+    marker = os.path.join(directory, TARGET_FILE)
+    repair = DatabaseRepair(directory)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            owner = json.load(f).get("key")
+        if owner != target.key:
+            raise TargetError(f"tuning database {directory} belongs to target key {owner!r}, not {target.key!r} "
+                              f"({target.name}); records of another CPU would mislead the tuner: choose another "
+                              "--tuning-db")
+    elif not create and not os.path.isfile(os.path.join(directory, RECORD_FILE)):
+        return None, repair
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.isfile(marker):
+        with open(marker, "w") as f:
+            json.dump({"key": target.key, "target": target.tvm_target}, f, indent=1)
+    repair = repair_database(directory)
+    try:
+        database = ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
+                                            path_tuning_record=os.path.join(directory, RECORD_FILE))
+    except Exception as e:  # noqa: BLE001 - lines that are JSON of the right shape but not loadable
+        raise BuildError(f"tuning database {directory} could not be opened after checking each line: "
+                         f"{type(e).__name__}: {str(e)[:500]}; move the folder aside or choose another "
+                         "--tuning-db") from e
+    return database, repair
+
+
+def has_record(database, task, tvm_target) -> bool:
+    # has_workload() is not enough: a task is committed as a workload before its first
+    # trial, so one cut off by the budget has a workload and no record.
+    return database.query_tuning_record(task.dispatched[0], tvm_target, "main") is not None
+
+
+def repair_database(directory: str) -> DatabaseRepair:
+    """Drop every line of the two files that MetaSchedule's loader would choke on; keep all others."""
+    repair = DatabaseRepair(directory)
+    workload_path = os.path.join(directory, WORKLOAD_FILE)
+    record_path = os.path.join(directory, RECORD_FILE)
+    pending = record_path + PENDING_SUFFIX
+    workload_lines, workload_ok = _read_lines(workload_path)
+    kept_workloads, bad_workloads = _check_lines(workload_lines, _is_workload)
+    if os.path.isfile(pending):
+        if bad_workloads:  # the workload file was not replaced yet: redo the whole repair
+            os.remove(pending)
+        else:  # renumbered against the workload file now on disk: finish that repair
+            os.replace(pending, record_path)
+    record_lines, record_ok = _read_lines(record_path)
+    kept_records, bad_records = _check_lines(record_lines, _is_record)
+    # a record names its workload by line number among the workloads: renumber to the lines kept
+    new_index = {old: new for new, (old, _, _) in enumerate(kept_workloads)}
+    renumbered, orphaned = [], []
+    for number, record, (index, _) in kept_records:
+        if index in new_index:
+            renumbered.append(record if new_index[index] == index else _with_index(record, new_index[index]))
+        else:
+            orphaned.append(number + 1)
+    repair.dropped = {name: [n + 1 for n in bad] for name, bad in
+                      ((WORKLOAD_FILE, bad_workloads), (RECORD_FILE, bad_records)) if bad}
+    repair.orphaned = orphaned
+    records_changed = bool(bad_records or orphaned or not record_ok
+                           or any(new_index[i] != i for i in new_index))
+    if bad_workloads or not workload_ok:
+        if records_changed:
+            # written before the workloads are replaced, so that a crash between the two
+            # replacements is finished, not repeated, by the next repair (see above)
+            _write_lines(pending, renumbered)
+        _write_lines(workload_path, [line for _, line, _ in kept_workloads])
+        if records_changed:
+            os.replace(pending, record_path)
+    elif records_changed:
+        _write_lines(record_path, renumbered)
+    for message in repair.messages():
+        logger.warning("tuning database %s: %s", directory, message)
+    return repair
+
+
+def _read_lines(path: str) -> tuple[list[str], bool]:
+    """The file's lines, and whether it is well terminated (an append would start a new line)."""
+    if not os.path.isfile(path):
+        return [], True
+    with open(path, "rb") as f:
+        data = f.read()
+    # split on "\n" only, as the loader's std::getline does (str.splitlines also splits on U+2028)
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines, not data or data.endswith(b"\n")
+
+
+def _check_lines(lines: list[str], is_valid) -> tuple[list[tuple[int, str, object]], list[int]]:
+    """(line number, line, parsed line) of the lines kept, and the numbers of those dropped."""
+    kept, bad = [], []
+    for number, line in enumerate(lines):
+        try:
+            item = json.loads(line)
+        except ValueError:
+            item = None
+        if item is not None and is_valid(item):
+            kept.append((number, line, item))
+        else:
+            bad.append(number)
+    return kept, bad
+
+
+def _is_workload(item) -> bool:
+    # [structural hash, base64 of the module's JSON graph]: Workload::FromJSON
+    return isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def _is_record(item) -> bool:
+    # [workload line, [trace, run_secs, target, args_info]]: JSONDatabase + TuningRecord::FromJSON
+    return (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and not isinstance(item[0], bool)
+            and isinstance(item[1], list) and len(item[1]) == 4)
+
+
+def _with_index(line: str, index: int) -> str:
+    # only the leading number changes; the record itself is kept byte for byte
+    return f"[{index}," + line[line.index(",") + 1:]
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    """Replace `path` atomically: a crash leaves either the old file or the new one, whole."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _spans(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:10])
+    return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")

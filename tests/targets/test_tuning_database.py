@@ -1,0 +1,112 @@
+"""Repairing a tuning database's two JSON-lines files (no TVM: lines of the shape MetaSchedule writes)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tensorfold.targets.tuning_database import (PENDING_SUFFIX, RECORD_FILE, WORKLOAD_FILE, open_database,
+                                                repair_database)
+
+
+def _workload(n: int) -> str:
+    return json.dumps([str(1000 + n), f"bW9kdWxl{n}"], separators=(",", ":"))
+
+
+def _record(index: int, seconds: float) -> str:
+    trace = [[["GetSBlock", [], ["conv", "main"], ["b0"]]], []]
+    return json.dumps([index, [trace, [seconds], {"kind": "llvm"}, []]], separators=(",", ":"))
+
+
+def _write(folder, name: str, lines: list[str], end: str = "\n") -> None:
+    (folder / name).write_text("\n".join(lines) + end)
+
+
+def _lines(folder, name: str) -> list[str]:
+    text = (folder / name).read_text()
+    assert text == "" or text.endswith("\n"), f"{name} must end with a newline, so that an append starts a line"
+    return text.splitlines()
+
+
+def test_truncated_last_line_and_garbage_line_are_dropped_and_the_rest_kept(tmp_path):
+    workloads = [_workload(0), _workload(1)]
+    records = [_record(0, 1e-5), _record(1, 2e-5), _record(0, 3e-5), _record(1, 4e-5)]
+    _write(tmp_path, WORKLOAD_FILE, workloads)
+    # a garbage line in the middle, and the last line cut off mid-write (no newline)
+    _write(tmp_path, RECORD_FILE, records[:2] + ["}{ not json"] + records[2:] + [_record(0, 5e-5)[:37]], end="")
+
+    repair = repair_database(str(tmp_path))
+
+    assert _lines(tmp_path, RECORD_FILE) == records  # every good line, byte for byte, in order
+    assert _lines(tmp_path, WORKLOAD_FILE) == workloads
+    assert repair.dropped == {RECORD_FILE: [3, 6]} and repair.orphaned == []
+    assert repair.messages() == [f"{RECORD_FILE}: dropped 2 damaged line(s) (line 3, 6): not the JSON MetaSchedule "
+                                 "writes, e.g. cut off by a killed tuning run"]
+    assert sorted(os.listdir(tmp_path)) == sorted([WORKLOAD_FILE, RECORD_FILE])  # no temporary file left
+
+
+def test_damaged_workload_line_renumbers_the_records_after_it(tmp_path):
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0), '["1001", "bW9k', _workload(2)])
+    _write(tmp_path, RECORD_FILE, [_record(2, 1e-5), _record(1, 2e-5), _record(0, 3e-5), _record(7, 4e-5),
+                                   '[true, [1, 2, 3, 4]]'])
+
+    repair = repair_database(str(tmp_path))
+
+    assert _lines(tmp_path, WORKLOAD_FILE) == [_workload(0), _workload(2)]
+    # records of workload 2 now point at line 1; the record of the damaged workload and the one
+    # with an index past the end have nothing to replay against
+    assert _lines(tmp_path, RECORD_FILE) == [_record(1, 1e-5), _record(0, 3e-5)]
+    assert repair.dropped == {WORKLOAD_FILE: [2], RECORD_FILE: [5]} and repair.orphaned == [2, 4]
+
+
+def test_a_repair_cut_off_between_its_two_file_replacements_is_finished_not_repeated(tmp_path):
+    # state after the workload file was replaced but before the renumbered records were moved in
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0), _workload(2)])
+    _write(tmp_path, RECORD_FILE, [_record(2, 1e-5), _record(0, 3e-5)])
+    _write(tmp_path, RECORD_FILE + PENDING_SUFFIX, [_record(1, 1e-5), _record(0, 3e-5)])
+
+    repair_database(str(tmp_path))
+
+    assert _lines(tmp_path, RECORD_FILE) == [_record(1, 1e-5), _record(0, 3e-5)]  # not shifted a second time
+    assert not (tmp_path / (RECORD_FILE + PENDING_SUFFIX)).exists()
+
+
+def test_a_repair_cut_off_before_replacing_the_workloads_is_redone(tmp_path):
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0), "garbage", _workload(2)])
+    _write(tmp_path, RECORD_FILE, [_record(2, 1e-5), _record(0, 3e-5)])
+    _write(tmp_path, RECORD_FILE + PENDING_SUFFIX, [_record(1, 1e-5)])  # stale: may be incomplete
+
+    repair_database(str(tmp_path))
+
+    assert _lines(tmp_path, RECORD_FILE) == [_record(1, 1e-5), _record(0, 3e-5)]
+    assert not (tmp_path / (RECORD_FILE + PENDING_SUFFIX)).exists()
+
+
+def test_good_last_line_without_newline_gets_one(tmp_path):
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0)])
+    _write(tmp_path, RECORD_FILE, [_record(0, 1e-5), _record(0, 2e-5)], end="")
+
+    repair = repair_database(str(tmp_path))
+
+    assert _lines(tmp_path, RECORD_FILE) == [_record(0, 1e-5), _record(0, 2e-5)]
+    assert repair.messages() == []
+
+
+def test_intact_database_is_not_rewritten(tmp_path):
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0)])
+    _write(tmp_path, RECORD_FILE, [_record(0, 1e-5)])
+    before = {name: os.stat(tmp_path / name).st_ino for name in (WORKLOAD_FILE, RECORD_FILE)}
+
+    assert repair_database(str(tmp_path)).messages() == []
+    assert before == {name: os.stat(tmp_path / name).st_ino for name in (WORKLOAD_FILE, RECORD_FILE)}
+
+
+def test_lines_of_the_right_shape_that_tvm_cannot_load_give_an_error_naming_the_folder(tmp_path):
+    from tensorfold.ir.errors import BuildError
+    from tensorfold.targets import get_target
+
+    _write(tmp_path, WORKLOAD_FILE, [_workload(0)])  # JSON of the right shape, but no module inside
+    (tmp_path / RECORD_FILE).write_text("")
+    with pytest.raises(BuildError, match=f"tuning database {tmp_path} could not be opened"):
+        open_database(str(tmp_path), get_target("x86"), create=False)
