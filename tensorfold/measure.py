@@ -17,6 +17,7 @@ import numpy as np
 
 from tensorfold.ir import Graph
 from tensorfold.ir.errors import TensorfoldError
+from tensorfold.passes.progress import progress_bar
 from tensorfold.runtime import accuracy as acc
 from tensorfold.runtime import ort_engine, torch_engine, tvm_engine
 from tensorfold.runtime.datasets import load_data
@@ -190,19 +191,23 @@ def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate],
                     continue
                 row.update(status=OK, threads=runner.threads, emulated=runner.emulated, **runner.details)
                 runners.append((candidate, engine, runner))
-        for candidate, engine, runner in runners:
-            logits = acc.outputs_on(runner, images)
-            outputs[(candidate.name, engine, target.name)] = logits
-            row = rows[(candidate.name, engine)]
-            if labels is not None:
-                row["accuracy"] = acc.classification(logits, labels)
-                if evaluator is not None:
-                    row["evaluator"] = {k: _plain(v) for k, v in dict(evaluator(logits, labels)).items()}
-            completed.append(f"outputs of {candidate.name}/{engine}")
+        with progress_bar(f"outputs on {target.name}", len(runners), progress) as advance_outputs:
+            for candidate, engine, runner in runners:
+                logits = acc.outputs_on(runner, images)
+                advance_outputs()
+                _record_outputs(rows[(candidate.name, engine)], outputs, candidate, engine, target, logits, labels,
+                                evaluator)
+                completed.append(f"outputs of {candidate.name}/{engine}")
         if runners:
             timers = [runner.timer({runner.input_names[0]: images[:runner.batch]}) for _, _, runner in runners]
             done = {"rounds": 0}
-            timings = interleaved(timers, rounds, warmup, on_round=lambda r: done.update(rounds=r))
+            with progress_bar(f"timing {len(runners)} runners on {target.name}, interleaved", rounds,
+                              progress) as advance_rounds:
+                def on_round(count: int) -> None:
+                    done.update(rounds=count)
+                    advance_rounds()
+
+                timings = interleaved(timers, rounds, warmup, on_round=on_round)
             for (candidate, engine, _), timing in zip(runners, timings):
                 rows[(candidate.name, engine)]["latency"] = timing.to_json()
             completed.append(f"{rounds} timing rounds")
@@ -220,6 +225,15 @@ def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate],
             runner.close()
         if remote is not None:
             remote.session = None  # drop the session: the server frees the device for the next client
+
+
+def _record_outputs(row: dict, outputs: dict, candidate: Candidate, engine: str, target: Target,
+                    logits: np.ndarray, labels: np.ndarray | None, evaluator) -> None:
+    outputs[(candidate.name, engine, target.name)] = logits
+    if labels is not None:
+        row["accuracy"] = acc.classification(logits, labels)
+        if evaluator is not None:
+            row["evaluator"] = {k: _plain(v) for k, v in dict(evaluator(logits, labels)).items()}
 
 
 def _ensure_built(candidate: Candidate, target: Target, work: str, tune_trials: int, progress: bool,
