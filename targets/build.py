@@ -18,6 +18,7 @@ from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
 from .frontend import to_relax
+from .int8_instructions import census
 from .int8_relax import has_qdq, int8_kernels, lower_qdq
 from .linking import check_toolchain, export
 from .registry import Target, get_target
@@ -57,6 +58,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         mod = prepacked
     executable = _compile(mod, target)
     files = export(executable, target, out_dir)
+    if int8 is not None and target.tvm_target["kind"] == "llvm" and target.link != "tar":
+        int8.instructions = census(os.path.join(out_dir, files["library"]), target.tvm_target.get("mtriple"))
 
     manifest = {
         "format": FORMAT,

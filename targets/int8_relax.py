@@ -31,9 +31,11 @@ class Int8Lowering:
     int8_ops: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)  # compiled functions with int8 x int8 -> int32 reductions
+    instructions: dict | None = None  # int8 multiply instructions in the library (int8_instructions.census)
 
     def to_json(self) -> dict:
-        return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels}
+        return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels,
+                "machine_instructions": self.instructions}
 
 
 def has_qdq(mod) -> bool:

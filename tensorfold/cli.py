@@ -93,6 +93,15 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruction_line(census: dict | None) -> str:
+    if not census:
+        return ""
+    if "unavailable" in census:
+        return f"\n  machine code: {census['unavailable']}"
+    found = ", ".join(f"{name} x{count}" for name, count in census["instructions"].items()) or "none found"
+    return f"\n  int8 multiply instructions in the library: {found}"
+
+
 def _untuned_line(tuning: dict) -> str:
     untuned, total = tuning["untuned"], len(tuning["tasks"])
     if not untuned:
@@ -133,7 +142,8 @@ def _print_artifact(artifact) -> None:
         int8 = manifest["int8"]
         rows.append(("int8", f"{len(int8['int8_ops'])} conv/matmul ops on 8-bit integers "
                               f"({len(int8['int8_kernels'])} compiled int8 kernels); {len(int8['float_ops'])} left in float"
-                     + "".join(f"\n  float: {op}" for op in int8["float_ops"])))
+                     + "".join(f"\n  float: {op}" for op in int8["float_ops"])
+                     + _instruction_line(int8.get("machine_instructions"))))
     if manifest["files"].get("link_instructions"):
         rows.append(("to link", manifest["files"]["link_instructions"]))
     for key, value in rows:

@@ -37,6 +37,9 @@ def test_digits_int8_build_runs_int8_kernels_within_half_a_point(digits_graphs, 
     assert len(lowering["int8_kernels"]) == 5
     assert all("uint8 x int8 -> int32" in k for k in lowering["int8_kernels"])
     assert built_fp32.manifest["int8"] is None
+    # and in the machine code: x86 int8 multiply-adds (VNNI vpdpbusd/vpdpwssd, or vpmaddwd/vpmaddubsw)
+    machine = lowering["machine_instructions"]
+    assert sum(machine["instructions"].values()) > 0, machine
 
     fp32_accuracy = _artifact_accuracy(built_fp32, images, labels)
     int8_accuracy = _artifact_accuracy(built_int8, images, labels)
@@ -92,3 +95,13 @@ def _output_scale(model: onnx.ModelProto) -> float:
     last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
     scale = next(t for t in model.graph.initializer if t.name == last.input[1])
     return float(numpy_helper.to_array(scale))
+
+
+def test_arm64_int8_build_multiplies_integers_in_neon(digits_graphs, tmp_path):
+    _, int8 = digits_graphs
+    built = tf.build(int8, "arm64", tmp_path / "arm64", progress=False)
+    lowering = built.manifest["int8"]
+    assert len(lowering["int8_kernels"]) == 5
+    found = lowering["machine_instructions"]["instructions"]
+    # widening integer multiply-accumulates (smlal/umlal) or dot products (sdot/udot) in the aarch64 code
+    assert sum(count for name, count in found.items() if name[1:4] in ("mla", "mul", "dot")) > 0, found
