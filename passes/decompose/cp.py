@@ -4,8 +4,9 @@ CP3 decomposes the (T, S, kh*kw) reshape of the kernel: 1x1 (S->R) -> depthwise 
 (full stride, padding, dilation) -> 1x1 (R->T, bias), the MobileNet block shape. CP4
 decomposes the 4-way (T, S, kh, kw) kernel: 1x1 -> depthwise (kh x 1) -> depthwise (1 x kw)
 -> 1x1. lambda is folded into the first factor (§4). Grouped convs are decomposed per
-group (rank per group). CP-ALS runs in tensorly's `parafac` in float64 (ALS is
-initialisation dependent and slow; float32 makes it worse, §4 pitfalls).
+group (rank per group). CP-ALS runs in float64 (ALS is initialisation dependent and slow;
+float32 makes it worse, §4 pitfalls) in `cp_als.cp_als_einsum`, tensorly's parafac iteration
+without its Khatri-Rao MTTKRP (1.2 GB per sweep on a 512x512x3x3 kernel; see that module).
 
 At the largest rank (`cp_max_rank`) an exact CP is built by slicing instead of ALS: the
 result is exact by construction, which ALS on a tensor at its generic rank is not.
@@ -14,17 +15,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import numpy as np
-import tensorly as tl
-from tensorly.decomposition import parafac
 
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.specs import Conv, Spec
 
 from ._common import (NotFactorable, as_bias, as_weight, check_rank, group_kernels, no_padding,
                       ones, stack_groups)
+from .als_einsum import cp_als_einsum
 
 VARIANTS = ("cp3", "cp4")
 CPFactors = tuple[np.ndarray, list[np.ndarray]]  # (weights lambda, factor matrices (dim_n, R))
@@ -32,16 +31,12 @@ CPFactors = tuple[np.ndarray, list[np.ndarray]]  # (weights lambda, factor matri
 
 def cp_als(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 500, tol: float = 1e-8,
            random_state: int = 0) -> CPFactors:
-    """CP-ALS via tensorly `parafac` in float64: (lambda, factors), factors (dim_n, rank)."""
+    """CP-ALS in float64: (lambda, factors with unit columns), factors (dim_n, rank)."""
     if init not in ("svd", "random"):
         raise PipelineError(f"cp: init must be 'svd' or 'random', got {init!r}")
-    tensor = np.asarray(tensor, dtype=np.float64)
-    with tl.backend_context("numpy"), warnings.catch_warnings():
-        # svd init with rank > a mode's size pads that factor with random columns: expected here
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        weights, factors = parafac(tensor, rank, init=init, n_iter_max=n_iter_max, tol=tol,
-                                   random_state=random_state, normalize_factors=False)
-    return np.asarray(weights, dtype=np.float64), [np.asarray(f, dtype=np.float64) for f in factors]
+    weights, factors, _ = cp_als_einsum(tensor, rank, init=init, n_iter_max=n_iter_max, tol=tol,
+                                        random_state=random_state)
+    return weights, factors
 
 
 def _slice_rank(shape: tuple[int, ...], pair: tuple[int, int]) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorly as tl
+from tensorly.decomposition import parafac
 
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.specs import Conv, Linear, TTLinear, chain_cost, chain_out_shape
 from tensorfold.ir.torch_modules import run_specs
 from tensorfold.passes import decompose as dec
+from tensorfold.passes.decompose.als_einsum import cp_als_einsum, mttkrp
 from tensorfold.passes.rank_policy import cost_function, max_ranks
 
 RNG = np.random.default_rng(1234)  # builds the layer zoo at import; tests use their own seeds
@@ -171,6 +173,33 @@ def test_cp_als_recovers_an_exactly_low_rank_kernel(variant):
     assert all(s.groups == 3 for s in factored[1:-1])  # depthwise middle convs
     x = random_input(spec, size=10)
     assert rel_error(run_specs([spec], x), run_specs(factored, x)) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 9), (4, 3, 2, 5)])
+def test_mttkrp_equals_unfolding_times_khatri_rao(shape):
+    rng = np.random.default_rng(6)
+    tensor = rng.standard_normal(shape)
+    factors = [rng.standard_normal((n, 7)) for n in shape]
+    for mode in range(len(shape)):
+        expected = tl.unfold(tensor, mode) @ tl.tenalg.khatri_rao(factors, skip_matrix=mode)
+        np.testing.assert_allclose(mttkrp(tensor, factors, mode), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape, rank, init", [((8, 6, 9), 8, "svd"), ((12, 10, 9), 5, "random"),
+                                               ((6, 5, 3, 3), 10, "svd"), ((7, 9, 4), 12, "random")])
+@pytest.mark.filterwarnings("ignore:Trying to compute SVD with n_eigenvecs")  # rank > a mode's size
+def test_cp_als_fits_as_well_as_tensorly_parafac(shape, rank, init):
+    rng = np.random.default_rng(7)
+    low_rank = np.einsum("ar,br,cr->abcr", *[rng.standard_normal((n, 3)) for n in shape[:3]]).sum(-1)
+    tensor = low_rank.reshape(shape[:3] + (1,) * (len(shape) - 3)) + 0.3 * rng.standard_normal(shape)
+    opts = dict(init=init, n_iter_max=30, random_state=2)
+    with tl.backend_context("numpy"):  # tol=0: both run exactly n_iter_max sweeps from the same init
+        reference = tl.cp_to_tensor(parafac(tensor, rank, tol=0, normalize_factors=False, **opts))
+    weights, factors, errors = cp_als_einsum(tensor, rank, tol=0, **opts)
+    ours = np.linalg.norm(tensor - tl.cp_to_tensor((weights, factors)))
+    assert len(errors) == 30
+    assert errors[-1] == pytest.approx(ours / np.linalg.norm(tensor), rel=1e-6)  # the error it reports is real
+    assert ours <= np.linalg.norm(tensor - reference) * 1.01 + 1e-6
 
 
 def test_exact_cp_reconstructs_any_tensor():
