@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -401,9 +402,12 @@ def capture(model: nn.Module, example_inputs: Any, source: str | None = None) ->
             with torch.no_grad():
                 gm(*inputs)
         except Exception as e:  # noqa: BLE001
-            raise InputShapeError(
-                f"{source}: running the model on example inputs of shape {shapes} failed: "
-                f"{type(e).__name__}: {_first_line(e)}. Check the input shape (--input-shape).") from e
+            if _SHAPE_COMPLAINT.search(str(e)):
+                raise InputShapeError(
+                    f"{source}: running the model on example inputs of shape {shapes} failed: "
+                    f"{type(e).__name__}: {_first_line(e)}. Check the input shape (--input-shape).") from e
+            raise CaptureError(f"{source}: the model's forward failed on example inputs of shape {shapes}: "
+                               f"{type(e).__name__}: {_first_line(e)}") from e
         return FxGraph(gm, inputs, source, training)
     try:
         gm = torch.export.export(model, inputs).module()
@@ -414,6 +418,10 @@ def capture(model: nn.Module, example_inputs: Any, source: str | None = None) ->
         f"cannot capture module {source!r}: torch.fx could not trace it and torch.export could not export it "
         f"with inputs of shape {shapes}. " + " | ".join(errors) +
         ". Make the forward free of data-dependent Python control flow, or export it to ONNX yourself.")
+
+
+# what torch says when a tensor does not fit a layer (conv channels, linear sizes, ranks)
+_SHAPE_COMPLAINT = re.compile(r"shape|size|channel|dimension|expected input|mat1 and mat2|must match", re.IGNORECASE)
 
 
 def _first_line(e: Exception) -> str:

@@ -193,3 +193,11 @@ def test_errors_are_tensorfold_errors():
     for kind in (CaptureError, ExportError, InputShapeError, InvalidModelError):
         assert issubclass(kind, tf.TensorfoldError)
     assert tf.TensorfoldError is tf.ir.TensorfoldError
+
+
+def test_capture_of_a_failing_forward_is_not_called_a_shape_error():
+    # traces fine (Embedding is a leaf), then fails to run for a reason that is not a shape: float indices
+    with pytest.raises(CaptureError, match="Embedding|indices|scalar type") as caught:
+        tf.capture(torch.nn.Sequential(torch.nn.Embedding(10, 4)), torch.randn(1, 3))
+    assert not isinstance(caught.value, InputShapeError)
+    assert "forward failed on example inputs" in str(caught.value)
