@@ -23,7 +23,7 @@ from tensorfold.runtime import ort_engine, torch_engine, tvm_engine
 from tensorfold.runtime.datasets import load_data
 from tensorfold.runtime.engines import EngineFailed, EngineUnavailable, Runner, default_threads
 from tensorfold.runtime.measure_report import FAILED, OK, UNAVAILABLE, MeasureReport
-from tensorfold.runtime.timing import interleaved
+from tensorfold.runtime.timing import GAP_S, interleaved
 from tensorfold.targets import Artifact, Placement, Target, get_target
 from tensorfold.targets.rpc import RpcError, connect_direct, parse_address, request_session
 
@@ -88,7 +88,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     result = MeasureReport(settings={
         "rounds": rounds, "warmup": warmup, "threads": threads, "data": data_name, "samples": int(len(images)),
         "tune_trials": tune_trials, "targets": [t.name for t in target_list], "work_dir": work,
-        "candidates": [c.name for c in pool], "interleaved": "every runner once per round, per target",
+        "candidates": [c.name for c in pool], "interleaved": f"every runner once per round, per target, {GAP_S} s untimed pause between runners",
         "reference": None})
     outputs: dict[tuple[str, str, str], np.ndarray] = {}
     for target in target_list:
