@@ -27,8 +27,17 @@ def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup
     candidates = {"original": graph}
     if passes:  # --passes "" measures the original alone (half the tuning time)
         candidates["compressed"], _ = tf.compress(graph, passes)
-    report = tf.measure(candidates, "x86", rounds=rounds, warmup=warmup, tune_trials=0, work_dir=f"{work}/untuned",
-                        random_samples=2, progress=False)
+    # untuned means no schedule at all: an empty database, not the one the tuned build fills (or reuses)
+    tuning_dir = os.environ.get("TENSORFOLD_TUNING_DIR")
+    os.environ["TENSORFOLD_TUNING_DIR"] = f"{work}/no-tuning"
+    try:
+        report = tf.measure(candidates, "x86", rounds=rounds, warmup=warmup, tune_trials=0,
+                            work_dir=f"{work}/untuned", random_samples=2, progress=False)
+    finally:
+        if tuning_dir is None:
+            del os.environ["TENSORFOLD_TUNING_DIR"]
+        else:
+            os.environ["TENSORFOLD_TUNING_DIR"] = tuning_dir
     medians = {(r["candidate"], r["engine"]): r["latency"]["median_ms"] for r in report.rows if r.get("latency")}
     if tune_trials:
         tuned = tf.measure(candidates, "x86", rounds=rounds, warmup=warmup, tune_trials=tune_trials,
