@@ -131,6 +131,28 @@ def _apply_database(mod, database, tvm_target) -> tuple[object, list[str], list[
     return mod, sorted(g.name_hint for g in updates), failed
 
 
+def _spaces(tasks, target: Target) -> list[tuple[list, Any]]:
+    """Tasks grouped by search space: 8-bit integer tasks on x86 get the generic LLVM rules.
+
+    On a VNNI CPU MetaSchedule adds a rule that tensorizes u8 x s8 reductions with
+    `dot_16x4_vnni`; in TVM 0.27 that tensorization fails ("Tensorize failed"), every
+    candidate errors and the task stays untuned. Without the rule LLVM's vectoriser still
+    emits VNNI instructions (int8_instructions.py lists them). Float tasks keep the default.
+    """
+    import tvm.s_tir.meta_schedule as ms
+
+    from .int8_relax import int8_kernels
+
+    def integer(task) -> bool:  # a reduction of 8-bit products into int32
+        return bool(int8_kernels(task.dispatched[0]))
+
+    if target.tvm_target["kind"] != "llvm" or not any(integer(t) for t in tasks):
+        return [(list(tasks), "post-order-apply")]
+    generic = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+    groups = [([t for t in tasks if not integer(t)], "post-order-apply"), ([t for t in tasks if integer(t)], generic)]
+    return [(group, space) for group, space in groups if group]
+
+
 def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, progress: bool) -> int:
     import tvm.s_tir.meta_schedule as ms
 
@@ -152,11 +174,15 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
         load_for(target.tvm_target)
         builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=TIMEOUT_SEC,
                                           f_build=tuning_worker.build_candidate)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=work_dir, num_threads=cores,
-            # A population sized to the budget: the default 512 spends minutes evolving
-            # candidates for a budget of a few trials.
-            strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_task))))
+        contexts, weights = [], []
+        for group, space in _spaces(tasks, target):
+            made, group_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                group, work_dir=work_dir, num_threads=cores, space=space,
+                # A population sized to the budget: the default 512 spends minutes evolving
+                # candidates for a budget of a few trials.
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_task))))
+            contexts += list(made)
+            weights += list(group_weights)
         counter.phase("tuning")
         try:
             ms.tune.tune_tasks(

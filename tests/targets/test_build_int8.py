@@ -105,3 +105,33 @@ def test_arm64_int8_build_multiplies_integers_in_neon(digits_graphs, tmp_path):
     found = lowering["machine_instructions"]["instructions"]
     # widening integer multiply-accumulates (smlal/umlal) or dot products (sdot/udot) in the aarch64 code
     assert sum(count for name, count in found.items() if name[1:4] in ("mla", "mul", "dot")) > 0, found
+
+
+def test_tuned_int8_build_leaves_no_task_untuned(digits_graphs, tmp_path):
+    # the VNNI tensorization rule fails in TVM 0.27; int8 tasks are tuned with the generic rules
+    _, int8 = digits_graphs
+    built = tf.build(int8, "x86", tmp_path / "tuned", tune_trials=24, tuning_db=str(tmp_path / "db"), progress=False)
+    tuning = built.manifest["tuning"]
+    assert tuning["trials_spent"] > 0
+    assert tuning["untuned"] == [] and tuning["replay_failed"] == [], tuning["untuned"]
+    assert len(built.manifest["int8"]["int8_kernels"]) == 5
+
+
+def test_int8_tasks_are_tuned_without_the_failing_vnni_rule(digits_graphs):
+    import tvm.s_tir.meta_schedule as ms
+
+    from tensorfold.targets import get_target
+    from tensorfold.targets.build import _prepare
+    from tensorfold.targets.frontend import to_relax
+    from tensorfold.targets.int8_relax import lower_qdq
+    from tensorfold.targets.tuning import _spaces
+
+    target = get_target("x86")
+    mod, _ = lower_qdq(to_relax(digits_graphs[1])[0])
+    tasks = ms.relax_integration.extract_tasks(_prepare(mod, target, True), target.tvm())
+    groups = dict((id(space), (group, space)) for group, space in _spaces(tasks, target)).values()
+    by_space = {"default" if space == "post-order-apply" else "generic": {t.task_name for t in group}
+                for group, space in groups}
+    assert len(by_space["generic"]) == 5  # 3 convs and 2 matmuls on 8-bit integers
+    assert all("conv2d" in name or "matmul" in name for name in by_space["generic"])
+    assert not any("conv2d" in name or "matmul" in name for name in by_space["default"])
