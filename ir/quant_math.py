@@ -1,11 +1,7 @@
 """The arithmetic of linear quantization (ONNX QuantizeLinear / DequantizeLinear semantics)."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 
 def _range(dtype: np.dtype) -> tuple[int, int]:
@@ -41,25 +37,3 @@ def _per_axis(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape[axis % ndim] = values.size
     return values.reshape(shape)
 
-
-def fold_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy where every DequantizeLinear of constants (weights, biases) is replaced by its float value.
-
-    Layers then read as float layers with the exact values the int8 kernels use.
-    """
-    model = copy.deepcopy(model)
-    constants = {t.name: t for t in model.graph.initializer}
-    kept = []
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and all(i in constants for i in node.input if i):
-            arrays = [numpy_helper.to_array(constants[i]) if i else None for i in node.input]
-            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
-            value = dequantize(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, axis)
-            tensor = numpy_helper.from_array(value, node.output[0])
-            model.graph.initializer.append(tensor)
-            constants[node.output[0]] = tensor
-        else:
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    return model

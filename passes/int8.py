@@ -26,9 +26,9 @@ from onnx import numpy_helper
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.onnx_graph import OnnxGraph
+from tensorfold.ir.quant_math import fake_quant
 
-from .measure import Feeds, _pooled_error, _record
-from tensorfold.ir.quant_math import fake_quant, fold_dequantize
+from .measure import Feeds, layer_error
 from .registry import Option, PassContext, register
 from .report import LayerRecord, PassReport
 
@@ -66,11 +66,10 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
     quantized = _quantize(source, feeds, options, exclude=[n for l in layers if l.name in kept
                                                            for n in l.facts["nodes"]])
     result = OnnxGraph(quantized, graph.source, {i.name: i.shape for i in graph.inputs})
-    dequantized = OnnxGraph(fold_dequantize(quantized), graph.source, {i.name: i.shape for i in graph.inputs})
     for layer in layers:
         if layer.name in kept:
             continue
-        record = _layer_record(source, quantized, dequantized, layer, context)
+        record = _layer_record(source, result, layer, context)
         if record is None:
             report.skip(layer.name, "onnxruntime left it in float (no quantized input or weight)")
         else:
@@ -145,9 +144,9 @@ def _quantize(source: OnnxGraph, feeds: Feeds, options: dict, exclude: list[str]
         return onnx.load(path)
 
 
-def _layer_record(source: OnnxGraph, quantized: onnx.ModelProto, dequantized: OnnxGraph, layer: Layer,
-                  context: PassContext) -> LayerRecord | None:
+def _layer_record(source: OnnxGraph, result: OnnxGraph, layer: Layer, context: PassContext) -> LayerRecord | None:
     started = time.perf_counter()
+    quantized = result.model
     node = next((n for n in quantized.graph.node if n.name == layer.name), None)
     producers = {o: n for n in quantized.graph.node for o in n.output}
     dq = producers.get(node.input[0]) if node is not None else None
@@ -155,27 +154,16 @@ def _layer_record(source: OnnxGraph, quantized: onnx.ModelProto, dequantized: On
         return None
     constants = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     scale, zero_point = constants[dq.input[1]], constants[dq.input[2]]
-    int8_spec = dequantized.layer(layer.name).spec
-
-    def error(feeds: Feeds) -> float | None:
-        if not feeds:
-            return None
-        from tensorfold.ir.torch_modules import run_specs
-
-        pairs = []
-        for feed in feeds:
-            x = _record(source, feed, layer.input)
-            if layer.facts.get("transA"):
-                x = x.T
-            pairs.append((run_specs([layer.spec], x), run_specs([int8_spec], fake_quant(x, scale, zero_point))))
-        return _pooled_error(pairs)
-
+    # the result reads each quantized layer with the dequantized values its int8 kernels use
+    int8_spec = result.layer(layer.name).spec
+    error_random, error_calibration = layer_error(source, [layer], [int8_spec], context.inputs,
+                                                  new_input=lambda x: fake_quant(x, scale, zero_point))
     weight = constants.get(producers[node.input[1]].input[0])
     return LayerRecord(
         layer.name, "quantized", method="int8 (u8 activations, s8 weights)",
         params_before=layer.cost.params, params_after=layer.cost.params,
         flops_before=layer.cost.flops, flops_after=layer.cost.flops,
-        error_random=error(context.inputs.random), error_calibration=error(context.inputs.calibration),
+        error_random=error_random, error_calibration=error_calibration,
         details={"input_scale": float(scale), "input_zero_point": int(zero_point),
                  "weight_dtype": str(weight.dtype) if weight is not None else None,
                  "weight_scales": int(np.size(constants.get(producers[node.input[1]].input[1], 1)))},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,12 +51,13 @@ class ErrorInputs:
         return cls([graph.random_inputs(seed) for seed in range(count)], list(calibration or []))
 
 
-def layer_error(graph: Graph, chain: Sequence[Layer], new_specs: Sequence[Spec],
-                inputs: ErrorInputs) -> tuple[float | None, float | None]:
+def layer_error(graph: Graph, chain: Sequence[Layer], new_specs: Sequence[Spec], inputs: ErrorInputs,
+                new_input: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float | None, float | None]:
     """Error of `new_specs` against the chain it replaces, each fed the chain's real input.
 
     The chain's input is recorded in `graph` (the graph as it is just before the
-    replacement), so the figure isolates this rewrite from every other one.
+    replacement), so the figure isolates this rewrite from every other one. `new_input`
+    transforms what the new specs see (int8: the input as its quantized values).
     """
     old_specs = [layer.spec for layer in chain]
     tensor = chain[0].input
@@ -69,7 +70,7 @@ def layer_error(graph: Graph, chain: Sequence[Layer], new_specs: Sequence[Spec],
             x = _record(graph, feed, tensor)
             if chain[0].facts.get("transA"):  # an ONNX Gemm that reads its input transposed
                 x = x.T
-            pairs.append((run_specs(old_specs, x), run_specs(new_specs, x)))
+            pairs.append((run_specs(old_specs, x), run_specs(new_specs, new_input(x) if new_input else x)))
         return _pooled_error(pairs)
 
     return measure(inputs.random), measure(inputs.calibration)

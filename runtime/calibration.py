@@ -43,13 +43,13 @@ def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list
         raise DataError(f"calibration data {what} is empty: int8 ranges need at least one input")
     if len(names) > 1 and any(set(f) != set(names) for f in feeds):
         raise DataError(f"calibration data {what}: the graph has inputs {names}; give each item as a dict of them")
+    feeds = [{k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in f.items()} for f in feeds]
     for feed in feeds:
         try:
-            graph.check_inputs({k: v.astype(np.float32, copy=False) if v.dtype == np.float64 else v
-                                for k, v in feed.items()})
+            graph.check_inputs(feed)
         except InputShapeError as e:
             raise InputShapeError(f"calibration data {what}: {e}") from None
-    return [{k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in f.items()} for f in feeds]
+    return feeds
 
 
 def _from_path(path: str, graph: Graph) -> np.ndarray:

@@ -143,13 +143,13 @@ def _spaces(tasks, target: Target) -> list[tuple[list, Any]]:
 
     from .int8_relax import int8_kernels
 
-    def integer(task) -> bool:  # a reduction of 8-bit products into int32
-        return bool(int8_kernels(task.dispatched[0]))
-
-    if target.tvm_target["kind"] != "llvm" or not any(integer(t) for t in tasks):
+    # a reduction of 8-bit products into int32
+    integer = [target.tvm_target["kind"] == "llvm" and bool(int8_kernels(t.dispatched[0])) for t in tasks]
+    if not any(integer):
         return [(list(tasks), "post-order-apply")]
     generic = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
-    groups = [([t for t in tasks if not integer(t)], "post-order-apply"), ([t for t in tasks if integer(t)], generic)]
+    groups = [([t for t, i in zip(tasks, integer) if not i], "post-order-apply"),
+              ([t for t, i in zip(tasks, integer) if i], generic)]
     return [(group, space) for group, space in groups if group]
 
 

@@ -10,6 +10,10 @@ from typing import Sequence
 from tensorfold.ir.errors import TensorfoldError
 
 
+CALIBRATION_HELP = ("calibration data for data-driven passes (int8): a .npy array, an ImageFolder directory or "
+                    "'digits' (default for the digits model: its training images)")
+
+
 def _compress(args: argparse.Namespace) -> int:
     import tensorfold as tf
     from tensorfold.models import EXAMPLES, parse_shape, resolve
@@ -253,8 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     compress.add_argument("--report", help="write the JSON report here")
     compress.add_argument("--eval", choices=["digits"], help="also report accuracy before/after on a bundled dataset")
-    compress.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
-                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
+    compress.add_argument("--calibration", help=CALIBRATION_HELP)
     compress.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     compress.set_defaults(func=_compress)
 
@@ -273,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     build.add_argument("--report", help="also write the manifest (with the tuning summary) here")
-    build.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
-                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
+    build.add_argument("--calibration", help=CALIBRATION_HELP)
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     build.set_defaults(func=_build)
 
@@ -299,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--rpc-timeout", type=float, default=5.0, help="seconds to reach the tracker (default 5)")
     measure.add_argument("--work-dir", help="where to build artifacts (default: a temporary folder)")
     measure.add_argument("--report", help="write report.json here, and PNG plots beside it")
-    measure.add_argument("--calibration", help="calibration data for data-driven passes (int8): a .npy array, an "
-                     "ImageFolder directory or 'digits' (default for the digits model: its training images)")
+    measure.add_argument("--calibration", help=CALIBRATION_HELP)
     measure.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     measure.set_defaults(func=_measure)
 
