@@ -33,8 +33,9 @@ def _compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     result = np.zeros(out_shape)
     for offset in np.ndindex(*spatial_second):
         window = tuple(slice(o, o + n) for o, n in zip(offset, spatial_first))
-        result[(slice(None), slice(None), *window)] += np.einsum(
-            "tr,rs...->ts...", second[(slice(None), slice(None), *offset)], first)
+        # tensordot is one BLAS GEMM; the equivalent einsum loops in C, minutes on CP's (R, R, k, k) middles
+        result[(slice(None), slice(None), *window)] += np.tensordot(
+            second[(slice(None), slice(None), *offset)], first, axes=(1, 0))
     return result
 
 

@@ -29,7 +29,7 @@ VARIANTS = ("cp3", "cp4")
 CPFactors = tuple[np.ndarray, list[np.ndarray]]  # (weights lambda, factor matrices (dim_n, R))
 
 
-def cp_als(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 500, tol: float = 1e-8,
+def cp_als(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 100, tol: float = 1e-8,
            random_state: int = 0) -> CPFactors:
     """CP-ALS in float64: (lambda, factors with unit columns), factors (dim_n, rank)."""
     if init not in ("svd", "random"):

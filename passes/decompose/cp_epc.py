@@ -22,7 +22,7 @@ import tensorly as tl
 from tensorfold.ir.errors import PipelineError
 
 from .cp import CPFactors, cp_als
-from .als_einsum import hadamard_gram, mttkrp
+from .als_einsum import PartialCache, hadamard_gram, mttkrp
 
 _BISECTION_STEPS = 200
 
@@ -94,8 +94,8 @@ def _constrained_least_norm(y_norm2: float, gram: np.ndarray, product: np.ndarra
     return (rotated * inverse[None, :]) @ eigvecs.T
 
 
-def cp_epc(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 500, tol: float = 1e-8,
-           random_state: int = 0, epc_iter_max: int = 200, epc_tol: float = 1e-6) -> CPFactors:
+def cp_epc(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 100, tol: float = 1e-8,
+           random_state: int = 0, epc_iter_max: int = 100, epc_tol: float = 1e-6) -> CPFactors:
     """(lambda, unit-column factors) of `tensor` at `rank` by ALS then error-preserving correction.
 
     n_iter_max/tol/init/random_state drive the initial ALS; epc_iter_max sweeps at most, and
@@ -111,16 +111,18 @@ def cp_epc(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: int = 5
         bound2 = float(np.sum((tensor - tl.cp_to_tensor((None, factors))) ** 2))
     norm2 = float(np.sum(tensor ** 2))
     previous = None
+    carrier = 0  # the one factor whose columns are not unit: it holds the scale (lambda)
+    cache = PartialCache()
     for _ in range(epc_iter_max):
         for n in range(tensor.ndim):
-            for k in range(tensor.ndim):  # move every other factor's scale into factor n
-                if k != n:
-                    norms = np.linalg.norm(factors[k], axis=0)
-                    norms[norms == 0] = 1.0
-                    factors[k] = factors[k] / norms[None, :]
-                    factors[n] = factors[n] * norms[None, :]
+            if carrier != n:  # move the scale into factor n; every other factor is unit already
+                norms = np.linalg.norm(factors[carrier], axis=0)
+                norms[norms == 0] = 1.0
+                factors[carrier] = factors[carrier] / norms[None, :]
+                factors[n] = factors[n] * norms[None, :]
             factors[n] = _constrained_least_norm(norm2, hadamard_gram(factors, skip=n),
-                                                 mttkrp(tensor, factors, n), bound2)
+                                                 mttkrp(tensor, factors, n, cache), bound2)
+            carrier = n
         lambda2 = float(np.sum(factors[-1] ** 2))  # every other factor has unit columns
         if previous is not None and abs(previous - lambda2) <= epc_tol * max(previous, 1e-300):
             break
