@@ -26,12 +26,13 @@ from .tuning import TuningSummary, default_database_dir, tune
 
 
 def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
-          progress: bool = True) -> Artifact:
+          progress: bool = True, tune_further: bool = False) -> Artifact:
     """Compile `graph` for `target` into the folder `out_dir` (see artifact.py for its layout).
 
     tune_trials: MetaSchedule trial budget for the tasks the tuning database lacks (0: no
     tuning, but records already in the database are applied). tuning_db: the database
     folder (default: one per target under the user cache, see tuning.default_database_dir).
+    tune_further: spend tune_trials on every task, tuned ones included (tuning.tune).
     """
     target = get_target(target)
     if tune_trials < 0:
@@ -52,7 +53,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     if int8 is not None:
         int8.kernels = int8_kernels(mod)
     database_dir = os.path.abspath(tuning_db) if tuning_db else default_database_dir(target)
-    mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress)
+    mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress, further=tune_further)
     prepacked = _prepack(mod, target) if prepack else None
     if prepacked is not None:
         mod = prepacked

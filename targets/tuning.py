@@ -55,9 +55,13 @@ def default_database_dir(target: Target) -> str:
     return os.path.join(root, target.key)
 
 
-def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, progress: bool):
+def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, progress: bool,
+         further: bool = False):
     """Tune what the database lacks, then apply it. Returns (module with schedules, summary).
 
+    further: spend the budget on every task, those with records too: the search starts from
+    the database's best schedules, so a second budget improves on the first instead of being
+    skipped (by default a task with a record is never tuned again).
     Logs go to `work_dir`/logs: MetaSchedule's per-task logs and TVM's native stderr.
     """
     import tvm.s_tir.meta_schedule as ms
@@ -69,7 +73,7 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     summary.database_repairs = repair.messages()
     summary.database_found = database is not None
     recorded = [database is not None and has_record(database, t, tvm_target) for t in tasks]
-    todo = [t for t, done in zip(tasks, recorded) if not done]
+    todo = list(tasks) if further else [t for t, done in zip(tasks, recorded) if not done]
     summary.tuned_before = [t.task_name for t, done in zip(tasks, recorded) if done]
     if trials > 0 and todo:
         if not target.runs_here:
@@ -87,7 +91,7 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     if database is None:
         summary.untuned = list(summary.tasks)
         return mod, summary
-    summary.tuned_now = [t.task_name for t in todo if has_record(database, t, tvm_target)]
+    summary.tuned_now = [t.task_name for t in todo if has_record(database, t, tvm_target)] if summary.trials_spent else []
     mod, summary.applied, summary.replay_failed = _apply_database(mod, database, tvm_target)
     # judged by what is compiled, not by what the database holds: a task is named after one of
     # its functions (task_extraction.cc), and a function left without a schedule runs untuned code
@@ -163,11 +167,17 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
     cloudpickle.register_pickle_by_value(tuning_worker)
 
     per_task = max(1, trials // len(tasks))
+    # Search rounds: MetaSchedule retrains its cost model (XGBoost) after each round of a task.
+    # One round of the whole share (what num_trials_per_iter = per_task gives) never uses what
+    # the model learnt; ~4 rounds do. A task may take up to 3 shares: the gradient task
+    # scheduler then moves trials to the tasks whose latency (x occurrences) falls the most.
+    per_round = min(64, max(per_task // 4, min(per_task, 8)))
+    per_task_cap = min(trials, 3 * max(per_task, per_round))
     cores = int(target.tvm_target.get("num-cores") or os.cpu_count() or 1)
     # MetaSchedule echoes every log line to stdout at its global logger's level; the
     # files under work_dir/logs keep everything (create_loggers sets them to DEBUG).
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
-    counter = TrialProgress(total=min(trials, per_task * len(tasks)), enabled=progress,
+    counter = TrialProgress(total=min(trials, per_task_cap * len(tasks)), enabled=progress,
                             description=f"tuning {len(tasks)} task(s) for {target.name}")
     with counter, native_stderr_to(os.path.join(work_dir, "logs", "tvm_stderr.log")):
         counter.phase("preparing search spaces")
@@ -180,15 +190,15 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
                 group, work_dir=work_dir, num_threads=cores, space=space,
                 # A population sized to the budget: the default 512 spends minutes evolving
                 # candidates for a budget of a few trials.
-                strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_task))))
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_round))))
             contexts += list(made)
             weights += list(group_weights)
         counter.phase("tuning")
         try:
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
-                max_trials_global=trials, max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, per_task),
+                max_trials_global=trials, max_trials_per_task=per_task_cap,
+                num_trials_per_iter=per_round,
                 builder=counter.builder(builder),
                 runner=ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC),
                 database=database,

@@ -85,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
         graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
         print(report.table())
     artifact = tf.build(graph, args.target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
-                        progress=not args.quiet)
+                        progress=not args.quiet, tune_further=args.tune_further)
     _print_artifact(artifact)
     print(f"wrote {artifact.path}")
     if args.report:
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tune-trials", type=int, default=0,
                        help="MetaSchedule trial budget for workloads the tuning database lacks (default 0)")
     build.add_argument("--tuning-db", help="tuning database folder (default ~/.cache/tensorfold/tuning/<target>)")
+    build.add_argument("--tune-further", action="store_true",
+                       help="spend the budget on tuned workloads too, starting from their best records")
     build.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     build.add_argument("--report", help="also write the manifest (with the tuning summary) here")

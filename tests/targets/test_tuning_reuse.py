@@ -42,7 +42,9 @@ def test_tuned_build_spends_its_trials_and_is_correct(tuned, tools):
     assert tuning["database"] == str(root / "db") and _records(root / "db") >= tuning["trials_spent"]
     # MetaSchedule's logs are kept in files under the artifact folder
     assert list((root / "first" / "logs").rglob("*.log"))
-    assert artifact.manifest["prepacked_weights"] in (True, False)
+    # the tuned conv reads its weight in the layout its schedule chose, packed once at load
+    # (RewriteLayout + LiftTransformParams); the output check below covers the packed weights
+    assert artifact.manifest["prepacked_weights"] is True
     # the profile comes from the best record of each task: its FLOPs are the conv's own (2 x MACs
     # + bias + relu, counted here) and the shares of time add up to one
     (task,) = tuning["task_profile"]
@@ -67,6 +69,22 @@ def test_second_build_reuses_the_database_without_new_trials(tuned, tools):
     assert _records(root / "db") == records_before  # nothing measured, nothing written
     assert second.manifest["prepacked_weights"] == first.manifest["prepacked_weights"]
     assert tools.relative_error(tools.torch_output(model, x), second.load()(x.numpy())["output0"]) < 1e-4
+
+
+def test_tune_further_spends_the_budget_on_tuned_tasks_too(tuned, tools):
+    root, model, x, first = tuned
+    database = root / "further-db"
+    shutil.copytree(root / "db", database)  # the other tests keep their database as it was
+    lines_before = (database / RECORD_FILE).read_text().splitlines()
+    artifact = tf.build(tf.capture(model, (x,)), "x86", root / "further", tune_trials=TRIALS, tuning_db=database,
+                        progress=False, tune_further=True)
+    tuning = artifact.manifest["tuning"]
+    assert tuning["tuned_before"] == first.manifest["tuning"]["tasks"]  # it had records, and was tuned again
+    assert 0 < tuning["trials_spent"] <= TRIALS and tuning["tuned_now"] == tuning["tasks"]
+    lines_after = (database / RECORD_FILE).read_text().splitlines()
+    assert lines_after[:len(lines_before)] == lines_before and len(lines_after) > len(lines_before)  # kept, added
+    assert tuning["untuned"] == []
+    assert tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"]) < 1e-4
 
 
 def test_untuned_build_still_applies_the_database(tuned):
