@@ -131,8 +131,13 @@ def _cuda(arch: str | None) -> Target:
                   description=f"an NVIDIA GPU of compute capability {arch}; compiled anywhere, run where a GPU is")
 
 
+# MetaSchedule's parallel rules need the device's core count, which a build cannot ask a device
+# it may never reach: 4, the big cluster of a typical aarch64 board or phone.
+DEVICE_CORES = 4
+
+
 def _aarch64_spec(triple: str, family: str, mcpu: str | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mattr": ["+neon"]}
+    spec: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mattr": ["+neon"], "num-cores": DEVICE_CORES}
     if mcpu:
         _check_cpu(mcpu, triple, family)
         spec["mcpu"] = mcpu

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from tensorfold.ir.errors import TensorfoldError
 
+from .registry import Placement, Target
+
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -73,6 +75,18 @@ def _with_deadline(what: str, timeout: float, work: Callable[[], Any]) -> Any:
             raise error
         raise RpcError(f"{what}: {type(error).__name__}: {error}") from error
     return box.get("value")
+
+
+def placed(target: Target, rpc_tracker: str | None, rpc_key: str | None) -> Target:
+    """`target` placed at a tracker ("HOST:PORT", key) or one RPC server ("direct:HOST:PORT"); a
+    local target, or no tracker and no key, leaves it as it is."""
+    if target.placement.kind == "local" or not (rpc_tracker or rpc_key):
+        return target
+    if rpc_tracker and rpc_tracker.startswith("direct:"):
+        host, port = parse_address(rpc_tracker[len("direct:"):], 9090)
+        return target.with_placement(Placement("direct", None, host, port))
+    host, port = parse_address(rpc_tracker) if rpc_tracker else (target.placement.host, target.placement.port)
+    return target.with_placement(Placement("tracker", rpc_key or target.placement.key, host, port))
 
 
 def connect_tracker(host: str, port: int, timeout: float = DEFAULT_TIMEOUT):

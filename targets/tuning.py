@@ -7,6 +7,7 @@ build's work dir (MetaSchedule prints a table per iteration otherwise).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -77,10 +78,7 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     summary.tuned_before = [t.task_name for t, done in zip(tasks, recorded) if done]
     if trials > 0 and todo:
         if not target.runs_here:
-            raise TargetError(
-                f"target {target.name}: tuning measures candidates on the device, which is not on this machine "
-                f"({target.placement.describe(target.device)}); build with --tune-trials 0 (records already in "
-                "the database are still applied), or tune where the device is")
+            _check_remote(target)
         if database is None:
             database, _ = open_database(database_dir, target, create=True)
         start = time.perf_counter()
@@ -98,6 +96,51 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     summary.untuned = [name for name in summary.tasks if name not in summary.applied]
     summary.untuned += [name for name in summary.replay_failed if name not in summary.untuned]
     return mod, summary
+
+
+def _cross_compiler(target: Target) -> str | None:
+    """The compiler that links a candidate for a remote device (None: a tracker cannot reach it)."""
+    from .linking import NDK_ENV
+
+    return target.cross_compiler if target.link == "cross-gcc" else os.environ.get(NDK_ENV) if target.link == "tar" else None
+
+
+def _check_remote(target: Target) -> None:
+    """Tuning on a device over RPC: a tracker that hands out the device, and a compiler for its .so."""
+    from .linking import NDK_ENV
+    from .rpc import RpcError, registered_keys, tracker_summary
+
+    placement = target.placement
+    where = placement.describe(target.device)
+    if placement.kind != "tracker" or target.device != "cpu":
+        raise TargetError(
+            f"target {target.name}: tuning measures candidates on the device ({where}); MetaSchedule's RPC "
+            "runner reaches CPU devices through a tracker only: give --rpc-tracker HOST:PORT --rpc-key KEY, "
+            "or build with --tune-trials 0 (records already in the database are still applied)")
+    if _cross_compiler(target) is None:
+        raise TargetError(f"target {target.name}: tuning on the phone needs each candidate linked into a .so: "
+                          f"set {NDK_ENV} to the NDK's aarch64 clang++, or build with --tune-trials 0")
+    try:
+        keys = registered_keys(tracker_summary(placement.host, placement.port))
+    except RpcError as e:
+        raise TargetError(f"target {target.name}: cannot tune, {e}") from None
+    if placement.key not in keys:
+        raise TargetError(f"target {target.name}: cannot tune, no device registered under key {placement.key!r} at "
+                          f"tracker {placement.host}:{placement.port} (registered: {keys or 'none'})")
+
+
+def _runner(target: Target):
+    """LocalRunner here; for a device behind a tracker, MetaSchedule's RPCRunner (one session at a time)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    if target.runs_here:
+        return ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC)
+    placement = target.placement
+    config = ms.runner.RPCConfig(tracker_host=placement.host, tracker_port=placement.port,
+                                 tracker_key=placement.key, session_timeout_sec=TIMEOUT_SEC)
+    from . import tuning_worker
+
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1, f_alloc_argument=tuning_worker.alloc_from_host)
 
 
 def _apply_database(mod, database, tvm_target) -> tuple[object, list[str], list[str]]:
@@ -182,8 +225,10 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
     with counter, native_stderr_to(os.path.join(work_dir, "logs", "tvm_stderr.log")):
         counter.phase("preparing search spaces")
         load_for(target.tvm_target)
-        builder = ms.builder.LocalBuilder(max_workers=cores, timeout_sec=TIMEOUT_SEC,
-                                          f_build=tuning_worker.build_candidate)
+        compiler = None if target.runs_here else _cross_compiler(target)
+        builder = ms.builder.LocalBuilder(
+            max_workers=os.cpu_count() or 1, timeout_sec=TIMEOUT_SEC, f_build=tuning_worker.build_candidate,
+            f_export=functools.partial(tuning_worker.export_cross, compiler=compiler) if compiler else None)
         contexts, weights = [], []
         for group, space in _spaces(tasks, target):
             made, group_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -200,7 +245,7 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
                 max_trials_global=trials, max_trials_per_task=per_task_cap,
                 num_trials_per_iter=per_round,
                 builder=counter.builder(builder),
-                runner=ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC),
+                runner=_runner(target),
                 database=database,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter.callback()])
         except Exception as e:  # noqa: BLE001

@@ -21,3 +21,33 @@ def build_candidate(mod, target, _params):
         import tvm.s_tir.tensor_intrin  # noqa: F401
 
         return tvm_build(mod, target=target)
+
+
+def export_cross(rt_mod, compiler: str) -> str:
+    """A candidate as a shared library built by `compiler` (an aarch64 g++, or the NDK's clang):
+    the device loads a .so; MetaSchedule's default export writes a .tar that only a device
+    with its own compiler could link."""
+    import os
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    rt_mod.export_library(path, fcompile=cc.cross_compiler(compiler))
+    return path
+
+
+def alloc_from_host(session, device, args_info, alloc_repeat):
+    """RPCRunner's argument allocation, filled with random values sent from here: MetaSchedule's
+    default fills them on the device with `random_fill_for_measure`, which TVM runtimes built
+    without USE_RANDOM (the aarch64 runtime here, most phone apps) do not have."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(tensor):
+        values = rng.uniform(-1, 1, size=tuple(tensor.shape))
+        tensor.copyfrom(values.astype(str(tensor.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)

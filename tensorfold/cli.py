@@ -78,13 +78,14 @@ def _build(args: argparse.Namespace) -> int:
     import tensorfold as tf
     from tensorfold.models import parse_shape, resolve
     from tensorfold.targets import get_target
+    from tensorfold.targets.rpc import placed
 
-    get_target(args.target)  # a bad target name fails before the model is loaded
+    target = placed(get_target(args.target), args.rpc_tracker, args.rpc_key)  # a bad name fails before loading
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     if args.passes:
         graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
         print(report.table())
-    artifact = tf.build(graph, args.target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
+    artifact = tf.build(graph, target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
                         progress=not args.quiet, tune_further=args.tune_further)
     _print_artifact(artifact)
     print(f"wrote {artifact.path}")
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tuning-db", help="tuning database folder (default ~/.cache/tensorfold/tuning/<target>)")
     build.add_argument("--tune-further", action="store_true",
                        help="spend the budget on tuned workloads too, starting from their best records")
+    build.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker where an arm64/android device tunes "
+                       "(default 127.0.0.1:9190)")
+    build.add_argument("--rpc-key", help="device key at the tracker (default: the target's, e.g. arm64)")
     build.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     build.add_argument("--report", help="also write the manifest (with the tuning summary) here")

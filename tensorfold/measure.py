@@ -24,8 +24,8 @@ from tensorfold.runtime.datasets import load_data
 from tensorfold.runtime.engines import EngineFailed, EngineUnavailable, Runner, default_threads
 from tensorfold.runtime.measure_report import FAILED, OK, UNAVAILABLE, MeasureReport
 from tensorfold.runtime.timing import GAP_S, interleaved
-from tensorfold.targets import Artifact, Placement, Target, get_target
-from tensorfold.targets.rpc import RpcError, connect_direct, parse_address, request_session
+from tensorfold.targets import Artifact, Target, get_target
+from tensorfold.targets.rpc import RpcError, connect_direct, placed, request_session
 
 HOST_ENGINES = (torch_engine.NAME, ort_engine.NAME, tvm_engine.LOCAL)
 
@@ -74,7 +74,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     # TVM sizes its thread pool on first use from this variable: same count as torch and onnxruntime.
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     threads = int(os.environ["TVM_NUM_THREADS"])
-    target_list = [_placed(get_target(t), rpc_tracker, rpc_key) for t in
+    target_list = [placed(get_target(t), rpc_tracker, rpc_key) for t in
                    ([targets] if isinstance(targets, (str, Target)) else list(targets))]
     pool = _candidates(candidates, passes, progress, calibration)
     shape = pool[0].input_shape
@@ -145,16 +145,6 @@ def _candidate(model: Any, name: str) -> Candidate:
     from tensorfold.models import resolve
 
     return Candidate(name, resolve(text))
-
-
-def _placed(target: Target, rpc_tracker: str | None, rpc_key: str | None) -> Target:
-    if target.placement.kind == "local" or not (rpc_tracker or rpc_key):
-        return target
-    if rpc_tracker and rpc_tracker.startswith("direct:"):
-        host, port = parse_address(rpc_tracker[len("direct:"):], 9090)
-        return target.with_placement(Placement("direct", None, host, port))
-    host, port = parse_address(rpc_tracker) if rpc_tracker else (target.placement.host, target.placement.port)
-    return target.with_placement(Placement("tracker", rpc_key or target.placement.key, host, port))
 
 
 def _engines(target: Target) -> list[str]:

@@ -16,7 +16,8 @@ import torch
 import tensorfold as tf
 from tensorfold.examples import digits
 from tensorfold.measure import MeasureError
-from tensorfold.targets import qemu, rpc
+from tensorfold.runtime import tvm_engine
+from tensorfold.targets import get_target, qemu, rpc
 
 MISSING = qemu.missing_runtime()
 needs_qemu = pytest.mark.skipif(MISSING is not None, reason=f"arm64 under qemu unavailable: {MISSING}")
@@ -102,3 +103,33 @@ def test_server_killed_mid_measure_names_the_target_and_keeps_the_rest(tracker, 
     assert report.row("original", "tvm-rpc", "arm64")["accuracy"]["top1"] > 0.9  # completed before the kill
     assert report.row("wrong", "tvm-rpc", "arm64")["status"] == "failed"
     assert (tmp_path / "report.json").exists()
+
+
+@needs_qemu
+def test_arm64_tunes_on_the_device_through_the_tracker(tracker, tmp_path):
+    """MetaSchedule's RPC runner: candidates cross-compiled here into .so files, timed on the device."""
+    host, port = tracker
+    key = "arm64-tune"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    target = rpc.placed(get_target("arm64"), f"{host}:{port}", key)
+    with qemu.start_arm64_server(host, port, key):
+        artifact = tf.build(tf.capture(model, (x,)), target, tmp_path / "arm64", tune_trials=2,
+                            tuning_db=tmp_path / "db", progress=False)
+        tuning = artifact.manifest["tuning"]
+        assert 0 < tuning["trials_spent"] <= 2
+        assert tuning["tuned_now"] == tuning["tasks"] and tuning["untuned"] == []
+        assert all(task["best_us"] and task["best_us"] > 0 for task in tuning["task_profile"])  # timed there
+        runner = tvm_engine.prepare_remote(str(artifact.path), rpc.request_session(host, port, key))
+        out = runner({artifact.manifest["inputs"][0]["name"]: x.numpy()})
+    expected = model(x).detach().numpy()
+    got = next(iter(out.values()))
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-4
+
+
+def test_tuning_a_remote_target_needs_a_registered_device(tracker, tmp_path):
+    host, port = tracker
+    target = rpc.placed(get_target("arm64"), f"{host}:{port}", "nobody-here")
+    graph = tf.capture(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(tf.TensorfoldError, match="no device registered under key 'nobody-here'"):
+        tf.build(graph, target, tmp_path / "a", tune_trials=2, tuning_db=tmp_path / "db", progress=False)
