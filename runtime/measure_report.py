@@ -27,9 +27,28 @@ class MeasureReport:
                 return row
         raise KeyError(f"no row for {candidate} / {engine} / {target}")
 
+    def best_engines(self) -> list[dict[str, Any]]:
+        """Per candidate x target, the engine with the lowest median latency, and how far each other is.
+
+        Emulated times (qemu) are not device times and never count. Deployment picks by this
+        figure: it is reported, so the choice of engine is never a hidden one.
+        """
+        best = []
+        keys = dict.fromkeys((r["candidate"], r["target"]) for r in self.rows)
+        for candidate, target in keys:
+            timed = {r["engine"]: r["latency"]["median_ms"] for r in self.rows
+                     if (r["candidate"], r["target"]) == (candidate, target) and r["status"] == OK
+                     and r.get("latency") and not r.get("emulated")}
+            if not timed:
+                continue
+            engine = min(timed, key=timed.get)
+            best.append({"candidate": candidate, "target": target, "engine": engine, "median_ms": timed[engine],
+                         "others_vs_best": {e: round(ms / timed[engine], 3) for e, ms in timed.items() if e != engine}})
+        return best
+
     def to_json(self) -> dict[str, Any]:
         return {"format": "tensorfold-measure/1", "settings": self.settings, "rows": self.rows,
-                "errors": self.errors, "files": self.files}
+                "best_engine": self.best_engines(), "errors": self.errors, "files": self.files}
 
     def save(self, path: str, plots: bool = True) -> list[str]:
         """Write the JSON at `path` and, beside it, `<stem>_latency.png` and `<stem>_accuracy.png`."""
@@ -73,6 +92,10 @@ class MeasureReport:
 
         console = Console(soft_wrap=False, width=max(160, Console().width))
         console.print(self.table())
+        for best in self.best_engines():
+            others = ", ".join(f"{e} {ratio:.2f}x" for e, ratio in best["others_vs_best"].items())
+            console.print(f"fastest for {best['candidate']} on {best['target']}: {best['engine']} "
+                          f"{best['median_ms']:.3f} ms" + (f" (others: {others})" if others else ""))
         for error in self.errors:
             console.print(f"[red]error on {error['target']}[/red]: {error['message']} (completed: {error['completed']})")
 

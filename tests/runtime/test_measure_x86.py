@@ -56,6 +56,13 @@ def test_report_has_every_candidate_engine_target(measured):
     assert len(saved["rows"]) == 6 and saved["settings"]["threads"] >= 1
     for name in ("report_latency.png", "report_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # the fastest engine per candidate x target is a report figure, computed from the rows
+    assert len(saved["best_engine"]) == 2
+    for best in saved["best_engine"]:
+        medians = {r["engine"]: r["latency"]["median_ms"] for r in report.rows if r["candidate"] == best["candidate"]}
+        assert best["engine"] == min(medians, key=medians.get) and best["median_ms"] == medians[best["engine"]]
+        assert set(best["others_vs_best"]) == set(medians) - {best["engine"]}
+        assert all(ratio >= 1.0 for ratio in best["others_vs_best"].values())
 
 
 def test_accuracy_is_recomputed_from_each_engine(measured, digits_models):
@@ -108,4 +115,5 @@ def test_cli_measure_with_passes(tmp_path, capsys):
     saved = json.loads(report_path.read_text())
     assert {r["candidate"] for r in saved["rows"]} == {"original", "original + fold_bn"}
     assert all(r["accuracy"]["top1"] > 0.9 for r in saved["rows"])
-    assert "threads" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "threads" in printed and "fastest for original on x86:" in printed
