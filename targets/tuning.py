@@ -102,7 +102,11 @@ def _cross_compiler(target: Target) -> str | None:
     """The compiler that links a candidate for a remote device (None: a tracker cannot reach it)."""
     from .linking import NDK_ENV
 
-    return target.cross_compiler if target.link == "cross-gcc" else os.environ.get(NDK_ENV) if target.link == "tar" else None
+    if target.link == "cross-gcc":
+        return target.cross_compiler
+    if target.link == "tar":  # android: the NDK's clang, when the user has one
+        return os.environ.get(NDK_ENV)
+    return None
 
 
 def _check_remote(target: Target) -> None:
@@ -133,13 +137,13 @@ def _runner(target: Target):
     """LocalRunner here; for a device behind a tracker, MetaSchedule's RPCRunner (one session at a time)."""
     import tvm.s_tir.meta_schedule as ms
 
+    from . import tuning_worker
+
     if target.runs_here:
         return ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC)
     placement = target.placement
     config = ms.runner.RPCConfig(tracker_host=placement.host, tracker_port=placement.port,
                                  tracker_key=placement.key, session_timeout_sec=TIMEOUT_SEC)
-    from . import tuning_worker
-
     return ms.runner.RPCRunner(rpc_config=config, max_workers=1, f_alloc_argument=tuning_worker.alloc_from_host)
 
 
