@@ -108,6 +108,11 @@ def _relative_error(norm2: float, product: np.ndarray, scaled: np.ndarray, weigh
     return float(np.sqrt(abs(norm2 + model2 - 2 * inner) / norm2))
 
 
+def _scale_into_last(factors: list[np.ndarray], weights: np.ndarray) -> list[np.ndarray]:
+    """The same CP with lambda folded into the last factor: the form the line search extrapolates."""
+    return factors[:-1] + [factors[-1] * weights[None, :]]
+
+
 _LINESEARCH_START, _LINESEARCH_MAX_FAIL = 5, 4  # tensorly's: jumps from sweep 6, p += 1 after 4 misses
 
 
@@ -126,7 +131,7 @@ def cp_als_einsum(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: 
     power, failures = 2.0, 0
     for sweep in range(n_iter_max):
         if linesearch and sweep % 2 == 0:
-            before = [f * weights[None, :] if k == last else f for k, f in enumerate(factors)]
+            before = _scale_into_last(factors, weights)
         for mode in range(tensor.ndim):
             product = mttkrp(tensor, factors, mode, cache)
             scaled = _solve_normal_equations(hadamard_gram(factors, skip=mode), product)  # carries lambda
@@ -134,10 +139,8 @@ def cp_als_einsum(tensor: np.ndarray, rank: int, init: str = "svd", n_iter_max: 
         error = _relative_error(norm2, product, scaled, weights, factors)
         if linesearch and sweep % 2 == 0 and sweep > _LINESEARCH_START:
             jump = sweep ** (1.0 / power)
-            after = [f * weights[None, :] if k == last else f for k, f in enumerate(factors)]
-            trial = [b + (a - b) * jump for a, b in zip(after, before)]
-            trial_product = mttkrp(tensor, trial, last, cache)
-            trial_error = _relative_error(norm2, trial_product, trial[last], np.ones(rank), trial[:last] + [trial[last]])
+            trial = [b + (a - b) * jump for a, b in zip(_scale_into_last(factors, weights), before)]
+            trial_error = _relative_error(norm2, mttkrp(tensor, trial, last, cache), trial[last], np.ones(rank), trial)
             if trial_error < error:
                 weights, trial[last] = _normalise_columns(trial[last])
                 factors, error, failures = trial, trial_error, 0
