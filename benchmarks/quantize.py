@@ -76,7 +76,9 @@ def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work:
     lowering = next((m["int8"] for m in map(_read_json, manifests) if m.get("int8")), None)
     print(f"  int8 pass: {len(report.passes[-1].changed)} layers quantized; TVM build: "
           + (f"{len(lowering['int8_ops'])} ops and {len(lowering['int8_kernels'])} kernels in int8, "
-             f"{len(lowering['float_ops'])} left in float" if lowering else "no int8 build found"))
+             f"{len(lowering['float_ops'])} left in float, "
+             f"{len(lowering.get('tensorized_kernels') or [])} tensorized for {lowering.get('dot_product')}"
+             if lowering else "no int8 build found"))
 
 
 def _read_json(path: str) -> dict:

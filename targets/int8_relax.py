@@ -9,6 +9,9 @@ language (`relax.dpl.rewrite_call`):
     conv2d(dequantize(x_q, s_x, z_x), dequantize(w_q, s_w, 0))
       -> (conv2d(pad(x_q, value=z_x), w_q, out_dtype=int32) - z_x * sum(w_q)) * (s_x * s_w)
 
+On a CPU with a dot-product instruction (x86 VNNI, AArch64 sdot) an ungrouped conv2d runs
+in that instruction's blocked layout instead (int8_layout.py).
+
 Padding with z_x (the quantized zero) keeps the borders exact, and the z_x * sum(w_q)
 term removes the activation's zero point after an u8 x s8 -> s32 accumulation (the
 pair VNNI multiplies). Matmul (Gemm, MatMul) likewise. Requantisation of the output is
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .int8_layout import blocked_conv2d, per_channel, unblock
+
 INTEGER_INPUTS = ("uint8", "int8")
 
 
@@ -31,10 +36,13 @@ class Int8Lowering:
     int8_ops: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)  # compiled functions with int8 x int8 -> int32 reductions
+    dot_product: str | None = None  # the instruction blocked convolutions are laid out for
+    tensorized: list[str] = field(default_factory=list)  # kernels whose schedule calls that instruction
     instructions: dict | None = None  # int8 multiply instructions in the library (int8_instructions.census)
 
     def to_json(self) -> dict:
         return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels,
+                "dot_product": self.dot_product, "tensorized_kernels": self.tensorized,
                 "machine_instructions": self.instructions}
 
 
@@ -42,12 +50,16 @@ def has_qdq(mod) -> bool:
     return "R.dequantize(" in mod.script(show_meta=False)
 
 
-def lower_qdq(mod):
-    """(module with integer conv2d/matmul, Int8Lowering)."""
+def lower_qdq(mod, layout=None):
+    """(module with integer conv2d/matmul, Int8Lowering).
+
+    layout: an int8_layout.DotLayout to run ungrouped conv2d in the blocked layout of the
+    target's dot-product instruction (None: NCHW, left to LLVM's vectoriser).
+    """
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-    lowering = Int8Lowering()
+    lowering = Int8Lowering(dot_product=layout.instruction if layout is not None else None)
     x_q, s_x, z_x = wildcard(), is_const(), is_const()
     w_q, s_w, z_w = is_const(), is_const(), is_const()
     x_dq = is_op("relax.dequantize")(x_q, s_x, z_x)
@@ -76,15 +88,25 @@ def lower_qdq(mod):
             lowering.float_ops.append(f"conv2d {_shape(call)}: not a u8/s8 symmetric-weight QDQ pattern")
             return call
         weight, zero = p["w_q"], int(p["z_x"].reshape(()))
+        channels = weight.shape[0]
+        weight_sums = weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
+        correction = zero * weight_sums
+        scale = (p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (channels,)))
+        if layout is not None and int(attrs.groups) == 1:
+            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
+            correction = data_zero * weight_sums
+            kind = "s8 x s8" if layout.data_dtype == "int8" else "u8 x s8"
+            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
+                                     f"({layout.instruction})")
+            dequantized = _dequantized(acc, per_channel(correction, padded, layout),
+                                       per_channel(scale, padded, layout))
+            return unblock(dequantized, _out_shape(call), padded)
         top, left, bottom, right = (int(v) for v in attrs.padding)
         data = p["x_q"]
         if top or left or bottom or right:
             data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
         acc = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
                                  dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
-        channels = weight.shape[0]
-        correction = zero * weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
-        scale = (p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (channels,)))
         lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} u8 x s8 -> s32")
         return _dequantized(acc, correction.reshape(1, channels, 1, 1), scale.reshape(1, channels, 1, 1))
 
@@ -121,9 +143,15 @@ def lower_qdq(mod):
             func = rewrite_call(conv, rewrite_conv, func)
             func = rewrite_call(matmul, rewrite_matmul, func)
         updated[gvar] = func
+    mod = mod.clone()  # the caller's module stays as it was
     for gvar, func in updated.items():
         mod[gvar] = func
     return relax.transform.DeadCodeElimination()(mod), lowering
+
+
+def _out_shape(call) -> list[int]:
+    info = getattr(call, "ty", None) or call.struct_info
+    return [int(d) for d in info.shape.values]
 
 
 def _shape(call) -> str:

@@ -36,3 +36,51 @@ def load_for(tvm_target: dict) -> None:
         setattr(importlib.import_module("tvm.s_tir"), "tensor_intrin", package)
     for family in families:
         importlib.import_module(f"{PACKAGE}.{family}")
+
+
+VNNI_INTRIN = "tensorfold_dot_16x4_vnni"
+
+
+def register_vnni() -> None:
+    """Register `VNNI_INTRIN`: C[16] s32 += A[4] u8 . B[16, 4] s8, one `vpdpbusd`.
+
+    TVM's own `dot_16x4_vnni` passes the bytes as <16 x i32>; LLVM 21 changed the intrinsic
+    to take <64 x i8> (TVM 0.27 ships LLVM 22), so every candidate tensorized with it fails
+    LLVM's verifier ("Call parameter type does not match function signature").
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is not None:
+        return
+    byte_vectors = codegen.llvm_version_major() >= 21
+    a_type, b_type = ("uint8x64", "int8x64") if byte_vectors else ("int32x16", "int32x16")
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_word = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")  # the 4 bytes, broadcast to all lanes
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_word, 16), dtype=a_type),
+                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=b_type),
+                dtype="int32x16")
+
+    TensorIntrin.register(VNNI_INTRIN, desc, impl)

@@ -21,6 +21,7 @@ from tensorfold.ir.errors import BuildError, TargetError
 from .registry import Target
 from .tuning_database import has_record, open_database
 from .tuning_profile import profile_tasks
+from .tuning_spaces import spaces
 from .tuning_progress import TrialProgress, native_stderr_to
 
 TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (toolchain.md)
@@ -182,28 +183,6 @@ def _apply_database(mod, database, tvm_target) -> tuple[object, list[str], list[
     return mod, sorted(g.name_hint for g in updates), failed
 
 
-def _spaces(tasks, target: Target) -> list[tuple[list, Any]]:
-    """Tasks grouped by search space: 8-bit integer tasks on x86 get the generic LLVM rules.
-
-    On a VNNI CPU MetaSchedule adds a rule that tensorizes u8 x s8 reductions with
-    `dot_16x4_vnni`; in TVM 0.27 that tensorization fails ("Tensorize failed"), every
-    candidate errors and the task stays untuned. Without the rule LLVM's vectoriser still
-    emits VNNI instructions (int8_instructions.py lists them). Float tasks keep the default.
-    """
-    import tvm.s_tir.meta_schedule as ms
-
-    from .int8_relax import int8_kernels
-
-    # a reduction of 8-bit products into int32
-    integer = [target.tvm_target["kind"] == "llvm" and bool(int8_kernels(t.dispatched[0])) for t in tasks]
-    if not any(integer):
-        return [(list(tasks), "post-order-apply")]
-    generic = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
-    groups = [([t for t, i in zip(tasks, integer) if not i], "post-order-apply"),
-              ([t for t, i in zip(tasks, integer) if i], generic)]
-    return [(group, space) for group, space in groups if group]
-
-
 def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, progress: bool) -> int:
     import tvm.s_tir.meta_schedule as ms
 
@@ -234,7 +213,7 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
             max_workers=os.cpu_count() or 1, timeout_sec=TIMEOUT_SEC, f_build=tuning_worker.build_candidate,
             f_export=functools.partial(tuning_worker.export_cross, compiler=compiler) if compiler else None)
         contexts, weights = [], []
-        for group, space in _spaces(tasks, target):
+        for group, space in spaces(tasks, target):
             made, group_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 group, work_dir=work_dir, num_threads=cores, space=space,
                 # A population sized to the budget: the default 512 spends minutes evolving
@@ -242,6 +221,9 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
                 strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_round))))
             contexts += list(made)
             weights += list(group_weights)
+            # each call makes MetaSchedule's console handler at its logger's level, then sets that
+            # level to DEBUG (for the files): put it back so the next group's console stays quiet
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
         counter.phase("tuning")
         try:
             ms.tune.tune_tasks(

@@ -61,10 +61,22 @@ class Awkward(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def test_lowering_matches_the_float_qdq_math(tmp_path):
+def _host_dot_layout():
+    from tensorfold.targets import get_target
+    from tensorfold.targets.int8_layout import dot_layout_for
+
+    return dot_layout_for(get_target("x86").tvm_target)
+
+
+needs_vnni = pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has no AVX-512 VNNI")
+
+
+@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=needs_vnni)], ids=["nchw", "vnni-blocked"])
+def test_lowering_matches_the_float_qdq_math(tmp_path, blocked):
     from tvm import relax
     import tvm
     from tensorfold.targets.frontend import to_relax
+    from tensorfold.targets.int8_layout import legalize
     from tensorfold.targets.int8_relax import lower_qdq
 
     torch.manual_seed(0)
@@ -73,8 +85,11 @@ def test_lowering_matches_the_float_qdq_math(tmp_path):
     calibration = [rng.uniform(-1, 2, (8, 3, 10, 11)).astype(np.float32) for _ in range(2)]
     graph, _ = tf.compress(tf.capture(model, torch.zeros(1, 3, 10, 11)), "int8", calibration=calibration)
     mod, _ = to_relax(graph)
-    lowered, lowering = lower_qdq(mod)
+    lowered, lowering = lower_qdq(mod, _host_dot_layout() if blocked else None)
     assert len(lowering.int8_ops) == 3 and not lowering.float_ops
+    # conv1 (3 -> 8 channels: both padded to whole blocks) is blocked; grouped conv2 is not
+    assert sum("NCHW4c" in op for op in lowering.int8_ops) == (1 if blocked else 0), lowering.int8_ops
+    lowered = legalize()(lowered)
 
     x = rng.uniform(-1, 2, (1, 3, 10, 11)).astype(np.float32)
     target = tvm.target.Target.from_device(tvm.cpu())
@@ -107,31 +122,83 @@ def test_arm64_int8_build_multiplies_integers_in_neon(digits_graphs, tmp_path):
     assert sum(count for name, count in found.items() if name[1:4] in ("mla", "mul", "dot")) > 0, found
 
 
+@pytest.mark.parametrize(("stride", "padding", "dilation", "channels"), [
+    (1, (1, 1, 1, 1), 1, (32, 16)),     # whole blocks
+    (2, (1, 2, 0, 1), 2, (3, 5)),       # both channel counts padded, asymmetric padding
+])
+@needs_vnni
+def test_blocked_conv2d_sums_exactly_what_the_nchw_conv_sums(stride, padding, dilation, channels):
+    import types
+
+    import tvm
+    from tvm import relax
+
+    from tensorfold.targets.int8_layout import blocked_conv2d, legalize, unblock
+
+    layout = _host_dot_layout()
+    c_in, c_out = channels
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (1, c_in, 11, 9), dtype=np.uint8)
+    w = rng.integers(-127, 128, (c_out, c_in, 3, 3), dtype=np.int8)
+    zero = 37
+    attrs = types.SimpleNamespace(padding=padding, strides=(stride, stride), dilation=(dilation, dilation))
+    top, left, bottom, right = padding
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.tensor(x, dtype=torch.float64), (left, right, top, bottom), value=zero),
+        torch.tensor(w, dtype=torch.float64), stride=stride, dilation=dilation).numpy()
+
+    var = relax.Var("x", relax.TensorType(x.shape, "uint8"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [var]):
+        acc, padded, _ = blocked_conv2d(var, w, zero, attrs, layout)
+        out = builder.emit(unblock(acc, ref.shape, padded))
+        builder.emit_func_output(out)
+    mod = legalize()(builder.get())
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target.from_device(tvm.cpu())), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert got.dtype == np.int32 and got.shape == ref.shape
+    assert np.array_equal(got, ref.astype(np.int64))
+
+
 def test_tuned_int8_build_leaves_no_task_untuned(digits_graphs, tmp_path):
-    # the VNNI tensorization rule fails in TVM 0.27; int8 tasks are tuned with the generic rules
     _, int8 = digits_graphs
     built = tf.build(int8, "x86", tmp_path / "tuned", tune_trials=24, tuning_db=str(tmp_path / "db"), progress=False)
     tuning = built.manifest["tuning"]
     assert tuning["trials_spent"] > 0
     assert tuning["untuned"] == [] and tuning["replay_failed"] == [], tuning["untuned"]
-    assert len(built.manifest["int8"]["int8_kernels"]) == 5
+    lowering = built.manifest["int8"]
+    assert len(lowering["int8_kernels"]) == 5
+    if _host_dot_layout() is not None:
+        # the 3 convolutions run tensorized on vpdpbusd, in the schedules tuning found
+        assert lowering["dot_product"] == "vpdpbusd"
+        assert len(lowering["tensorized_kernels"]) == 3, lowering["tensorized_kernels"]
+        assert all("conv2d_NCHWc_int8" in name for name in lowering["tensorized_kernels"])
+        assert lowering["machine_instructions"]["instructions"].get("vpdpbusd", 0) > 0
 
 
-def test_int8_tasks_are_tuned_without_the_failing_vnni_rule(digits_graphs):
+def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
     import tvm.s_tir.meta_schedule as ms
 
     from tensorfold.targets import get_target
     from tensorfold.targets.build import _prepare
     from tensorfold.targets.frontend import to_relax
     from tensorfold.targets.int8_relax import lower_qdq
-    from tensorfold.targets.tuning import _spaces
+    from tensorfold.targets.tuning_spaces import spaces
 
     target = get_target("x86")
-    mod, _ = lower_qdq(to_relax(digits_graphs[1])[0])
+    layout = _host_dot_layout()
+    mod, _ = lower_qdq(to_relax(digits_graphs[1])[0], layout)
     tasks = ms.relax_integration.extract_tasks(_prepare(mod, target, True), target.tvm())
-    groups = dict((id(space), (group, space)) for group, space in _spaces(tasks, target)).values()
-    by_space = {"default" if space == "post-order-apply" else "generic": {t.task_name for t in group}
-                for group, space in groups}
-    assert len(by_space["generic"]) == 5  # 3 convs and 2 matmuls on 8-bit integers
-    assert all("conv2d" in name or "matmul" in name for name in by_space["generic"])
-    assert not any("conv2d" in name or "matmul" in name for name in by_space["default"])
+    groups = spaces(tasks, target)
+    assert sum(len(group) for group, _ in groups) == len(tasks)
+    names = [{t.task_name for t in group} for group, _ in groups]
+    default = names[0]
+    assert groups[0][1] == "post-order-apply"
+    assert not any("conv2d" in name or "matmul" in name for name in default)
+    integer = names[1:]
+    if layout is None:  # 3 convs and 2 matmuls with the generic LLVM rules
+        assert [len(n) for n in integer] == [5]
+    else:  # the 2 matmuls generic, the 3 blocked convs with the VNNI tensorizing rules
+        assert [len(n) for n in integer] == [2, 3]
+        assert all("matmul" in name for name in integer[0])
+        assert all("conv2d_NCHWc_int8" in name for name in integer[1])

@@ -1,0 +1,71 @@
+"""Which MetaSchedule search space each task gets.
+
+Float tasks keep the target's default space. 8-bit integer reductions on x86 need a choice:
+on a VNNI CPU MetaSchedule's default adds a rule that tensorizes every u8 x s8 reduction
+with TVM's `dot_16x4_vnni`, whose LLVM call no longer verifies (intrinsics.register_vnni),
+and which cannot map an NCHW conv or a transposed matmul anyway (the 16 x 4 weight block
+is not contiguous there), so every candidate failed and the task stayed untuned. Hence:
+- blocked int8 conv2d (int8_layout.py): on x86 the same rules with tensorfold's VNNI
+  intrinsic; on AArch64 with dotprod the target's default, whose rules tensorize with sdot;
+- other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .int8_layout import BLOCKED_KERNEL
+from .registry import Target
+
+DEFAULT = "post-order-apply"
+
+
+def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
+    """[(tasks, space)] for `extracted_tasks_to_tune_contexts`, empty groups left out."""
+    from .int8_relax import int8_kernels
+
+    if target.tvm_target["kind"] != "llvm":
+        return [(list(tasks), DEFAULT)]
+    x86 = str(target.tvm_target.get("mtriple", "")).startswith("x86_64")
+    kinds = [_kind(t, int8_kernels) for t in tasks]
+    makers = {"float": lambda: DEFAULT, "generic": _generic_llvm, "blocked": _vnni if x86 else lambda: DEFAULT}
+    return [([t for t, k in zip(tasks, kinds) if k == kind], makers[kind]())
+            for kind in ("float", "generic", "blocked") if kind in kinds]
+
+
+def _kind(task, int8_kernels) -> str:
+    if not int8_kernels(task.dispatched[0]):  # a reduction of 8-bit products into int32
+        return "float"
+    return "blocked" if BLOCKED_KERNEL in task.task_name else "generic"
+
+
+def _generic_llvm():
+    import tvm.s_tir.meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+
+
+def _vnni():
+    """TVM's DefaultX86("vnni") rules and CPU tensorization postprocs, with our intrinsic."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from .intrinsics import VNNI_INTRIN, register_vnni
+
+    register_vnni()
+    rule, post = ms.schedule_rule, ms.postproc
+    write = rule.ReuseType(req="may", levels=[1, 2], scope="global")
+    rules = [
+        rule.ApplyCustomRule(),
+        rule.InlineConstantScalars(),
+        rule.AutoInline(into_producer=False, into_consumer=True, inline_const_tensor=True,
+                        disallow_if_then_else=True, require_injective=True, require_ordered=True,
+                        disallow_op=["tirx.exp"]),
+        rule.AddRFactor(max_jobs_per_core=16, max_innermost_factor=64),
+        rule.MultiLevelTilingWithIntrin(VNNI_INTRIN, structure="SSRSRS", max_innermost_factor=64, reuse_write=write),
+        rule.MultiLevelTiling(structure="SSRSRS", max_innermost_factor=64, reuse_write=write),
+        rule.ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=64,
+                                        unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True),
+        rule.RandomComputeLocation(),
+    ]
+    postprocs = [post.DisallowDynamicLoop(), post.RewriteParallelVectorizeUnroll(), post.RewriteReductionBlock(),
+                 post.RewriteTensorize(vectorize_init_loop=True), post.RewriteLayout()]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs="llvm")
