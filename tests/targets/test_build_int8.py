@@ -160,6 +160,61 @@ def test_blocked_conv2d_sums_exactly_what_the_nchw_conv_sums(stride, padding, di
     assert np.array_equal(got, ref.astype(np.int64))
 
 
+def test_arm64_lays_convs_out_for_sdot_only_where_the_cpu_has_it(digits_graphs, tmp_path):
+    _, int8 = digits_graphs
+    plain = tf.build(int8, "arm64", tmp_path / "plain", progress=False).manifest["int8"]
+    dotprod = tf.build(int8, "arm64:cortex-a76", tmp_path / "a76", progress=False).manifest["int8"]
+    assert plain["dot_product"] is None and not any("NCHW4c" in op for op in plain["int8_ops"])
+    assert dotprod["dot_product"] == "sdot"
+    assert sum("s8 x s8 -> s32 in NCHW4c (sdot)" in op for op in dotprod["int8_ops"]) == 3, dotprod["int8_ops"]
+    assert len(dotprod["int8_kernels"]) == 5
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    from tensorfold.targets import rpc
+
+    port = rpc.free_port()
+    managed = rpc.start_tracker("127.0.0.1", port)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        managed.stop()
+
+
+def _qemu_missing():
+    from tensorfold.targets import qemu
+
+    return qemu.missing_runtime()
+
+
+@pytest.mark.skipif(_qemu_missing() is not None, reason="arm64 under qemu unavailable")
+def test_arm64_int8_convs_tune_into_sdot_on_the_device(tracker, tmp_path):
+    """Tuned through the tracker on the emulated arm64 (cortex-a76: dotprod), the convs use sdot and stay exact."""
+    from tensorfold.runtime import tvm_engine
+    from tensorfold.targets import get_target, qemu, rpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2)).eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.uniform(-1, 2, (4, 8, 12, 12)).astype(np.float32) for _ in range(2)]
+    graph, _ = tf.compress(tf.capture(model, torch.zeros(1, 8, 12, 12)), "int8", calibration=calibration)
+    host, port = tracker
+    target = rpc.placed(get_target("arm64:cortex-a76"), f"{host}:{port}", "a76-int8")
+    x = rng.uniform(-1, 2, (1, 8, 12, 12)).astype(np.float32)
+    with qemu.start_arm64_server(host, port, "a76-int8"):
+        built = tf.build(graph, target, tmp_path / "a76", tune_trials=12, tuning_db=tmp_path / "db", progress=False)
+        run = tvm_engine.prepare_remote(str(built.path), rpc.request_session(host, port, "a76-int8"))
+        got = next(iter(run({built.manifest["inputs"][0]["name"]: x}).values()))
+    lowering = built.manifest["int8"]
+    assert built.manifest["tuning"]["untuned"] == []
+    assert len(lowering["tensorized_kernels"]) == 2, lowering  # both convs, tensorized with sdot
+    assert all("conv2d_NCHWc_int8" in name for name in lowering["tensorized_kernels"])
+    assert lowering["machine_instructions"]["instructions"].get("sdot", 0) > 0, lowering["machine_instructions"]
+    reference = graph.run({graph.inputs[0].name: x})[graph.output_names[0]]
+    assert np.max(np.abs(got - reference)) <= 1.01 * _output_scale(graph.model)
+
+
 def test_tuned_int8_build_leaves_no_task_untuned(digits_graphs, tmp_path):
     _, int8 = digits_graphs
     built = tf.build(int8, "x86", tmp_path / "tuned", tune_trials=24, tuning_db=str(tmp_path / "db"), progress=False)
