@@ -8,6 +8,11 @@ eager runs the fp32 graph only (the int8 graph is ONNX: "not supported" there).
     python benchmarks/quantize.py                       # untuned TVM, ~5 min on 2 cores
     python benchmarks/quantize.py --tune-trials 256     # tuned (one database per target, reused)
     python benchmarks/quantize.py --models digits --rounds 5   # smoke run
+    python benchmarks/quantize.py --models resnet18 --weights planted \
+        --passes "fold_bn, tucker2(rank=evbmf)" --tune-trials 300   # factorized, then int8
+
+--passes is the pipeline both candidates run before int8 (default fold_bn); --weights planted
+gives each conv the low-rank structure of decompose.py, so EVBMF has something to find.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import os
 import tempfile
 
 import numpy as np
+import torch
+import torchvision
+from decompose import plant_low_rank
 
 import tensorfold as tf
 from tensorfold.models import resolve
@@ -25,16 +33,21 @@ from tensorfold.models import resolve
 CALIBRATION_BATCHES = 8
 
 
-def _graphs(model: str, size: int):
+def _graphs(model: str, size: int, passes: str, weights: str):
     if model == "digits":
         graph = resolve("digits", None, None)
         calibration, data = "digits", "digits"
     else:
-        graph = resolve(f"torchvision:{model}", (1, 3, size, size), None)
+        if weights == "planted":  # latency does not depend on the weights; EVBMF's ranks do
+            module = torchvision.models.get_model(model, weights=None).eval()
+            plant_low_rank(module)
+            graph = tf.capture(module, torch.randn(1, 3, size, size), source=f"torchvision:{model} (planted)")
+        else:
+            graph = resolve(f"torchvision:{model}", (1, 3, size, size), None)
         rng = np.random.default_rng(0)  # random weights: calibrate on inputs of the right statistics
         calibration = [rng.standard_normal((4, 3, size, size)).astype(np.float32) for _ in range(CALIBRATION_BATCHES)]
         data = None
-    fp32, _ = tf.compress(graph, "fold_bn")
+    fp32, _ = tf.compress(graph, passes)
     int8, report = tf.compress(fp32, "int8", calibration=calibration)
     return fp32, int8, report, data
 
@@ -45,14 +58,15 @@ def _size(graph, work: str, name: str) -> int:
     return os.path.getsize(path)
 
 
-def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work: str) -> None:
-    fp32, int8, report, data = _graphs(model, size)
+def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work: str,
+        passes: str = "fold_bn", weights: str = "random") -> None:
+    fp32, int8, report, data = _graphs(model, size, passes, weights)
     sizes = {"fp32": _size(fp32, work, f"{model}_fp32"), "int8": _size(int8, work, f"{model}_int8")}
     result = tf.measure({"fp32": fp32, "int8": int8}, "x86", data=data, rounds=rounds, warmup=warmup,
                         tune_trials=tune_trials, work_dir=os.path.join(work, model), progress=tune_trials > 0,
                         random_samples=4, strict=False)
     rows = {(r["candidate"], r["engine"]): r for r in result.rows}
-    print(f"\n{model}: batch 1, {result.settings['threads']} threads, {rounds} rounds, "
+    print(f"\n{model} ({weights} weights, {passes}): batch 1, {result.settings['threads']} threads, {rounds} rounds, "
           f"TVM {'tuned, ' + str(tune_trials) + ' trials' if tune_trials else 'untuned'}")
     print(f"  file size: fp32 {sizes['fp32']:,} B, int8 {sizes['int8']:,} B ({sizes['fp32'] / sizes['int8']:.2f}x smaller)")
     for engine in ("torch", "onnxruntime", "tvm"):
@@ -93,10 +107,12 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--passes", default="fold_bn", help="the pipeline before int8, for both candidates")
+    parser.add_argument("--weights", choices=("random", "planted"), default="random")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tensorfold-quantize-") as work:
         for model in args.models.split(","):
-            run(model.strip(), args.size, args.tune_trials, args.rounds, args.warmup, work)
+            run(model.strip(), args.size, args.tune_trials, args.rounds, args.warmup, work, args.passes, args.weights)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,6 @@ def lower_qdq(mod, layout=None):
         weight, zero = p["w_q"], int(p["z_x"].reshape(()))
         channels = weight.shape[0]
         weight_sums = weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
-        correction = zero * weight_sums
         scale = (p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (channels,)))
         if layout is not None and int(attrs.groups) == 1:
             acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
@@ -107,6 +106,7 @@ def lower_qdq(mod, layout=None):
             data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
         acc = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
                                  dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
+        correction = zero * weight_sums
         lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} u8 x s8 -> s32")
         return _dequantized(acc, correction.reshape(1, channels, 1, 1), scale.reshape(1, channels, 1, 1))
 
