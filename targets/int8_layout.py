@@ -99,12 +99,16 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
     """
     from tvm import relax
 
-    channels = int(weight.shape[1])
+    n, channels, height, width = _static_shape(data)
     r = layout.reduce
-    # Blocked first (layout_transform needs its input's type, which only the matched var has).
+    # NCHW -> NCHW4c by pad + reshape + transpose, not layout_transform: TVM marks that op's
+    # kernel opaque, so it and the pad after it ran as kernels (and tuning tasks) of their own;
+    # these are injective and fuse into the producer (a quantize, usually).
     # The padded input channels meet zero weights; any value works, the zero point keeps it tidy.
-    data = relax.op.layout_transform(data, lambda n, c, h, w: (n, c // r, h, w, c % r),
-                                     pad_value=zero if channels % r else None)
+    blocks = _round_up(channels, r) // r
+    if channels % r:
+        data = relax.op.nn.pad(data, [0, 0, 0, blocks * r - channels, 0, 0, 0, 0], pad_value=float(zero))
+    data = relax.op.permute_dims(relax.op.reshape(data, (n, blocks, r, height, width)), [0, 1, 3, 4, 2])
     if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
         data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
         zero -= 128
@@ -141,44 +145,7 @@ def legalize():
     """LegalizeOps with `legalize_conv2d` for conv2d; every other op legalizes as TVM does."""
     from tvm import relax
 
-    return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d,
-                                        "relax.layout_transform": legalize_layout_transform})
-
-
-def legalize_layout_transform(bb, call):
-    """NCHW -> NCHW{r}c as a gather (each output element reads its input), else TVM's own.
-
-    TVM legalizes layout_transform as a scatter (out[c // r, ..., c % r] = x[c]), which its
-    fusion marks opaque: the transform and the pad after it ran as kernels (and tuning tasks)
-    of their own, one per blocked conv. A gather is injective and fuses into its producer.
-    (Reshape + transpose fuse too, but index through a flattened offset: 20x slower here.)
-    """
-    from tvm import te
-    from tvm.relax.transform.legalize_ops.manipulate import _layout_transform
-
-    x = call.args[0]
-    in_shape, out_shape = _static_shape(x), _static_shape(call)
-    if len(in_shape) != 4 or len(out_shape) != 5 or out_shape[2:4] != in_shape[2:4] \
-            or out_shape[1] * out_shape[4] < in_shape[1] or out_shape[1] != _round_up(in_shape[1], out_shape[4]) // out_shape[4]:
-        return _layout_transform(bb, call)
-    index_map = call.attrs.index_map
-    r, channels = out_shape[4], in_shape[1]
-    probe = [int(v) for v in index_map.map_indices([0, r + 1, 2, 3])]  # channel r + 1 -> block 1, lane 1
-    if probe != [0, 1, 2, 3, 1]:
-        return _layout_transform(bb, call)
-    pad = call.attrs.pad_value
-    pad_value = int(pad.value) if pad is not None else 0
-
-    def gather(data):
-        def element(n, cb, h, w, ci):
-            c = cb * r + ci
-            if channels % r == 0:
-                return data[n, c, h, w]
-            return te.if_then_else(c < channels, data[n, te.min(c, channels - 1), h, w],
-                                   te.const(pad_value, data.dtype))
-        return te.compute(out_shape, element, name="blocked_layout")
-
-    return bb.call_te(gather, x, primfunc_name_hint="nchw_to_blocked")
+    return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d})
 
 
 def legalize_conv2d(bb, call):
