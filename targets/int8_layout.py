@@ -99,16 +99,12 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
     """
     from tvm import relax
 
-    n, channels, height, width = _static_shape(data)
+    channels = int(weight.shape[1])
     r = layout.reduce
-    # NCHW -> NCHW4c by pad + reshape + transpose, not layout_transform: TVM marks that op's
-    # kernel opaque, so it and the pad after it ran as kernels (and tuning tasks) of their own;
-    # these are injective and fuse into the producer (a quantize, usually).
+    # Blocked first (layout_transform needs its input's type, which only the matched var has).
     # The padded input channels meet zero weights; any value works, the zero point keeps it tidy.
-    blocks = _round_up(channels, r) // r
-    if channels % r:
-        data = relax.op.nn.pad(data, [0, 0, 0, blocks * r - channels, 0, 0, 0, 0], pad_value=float(zero))
-    data = relax.op.permute_dims(relax.op.reshape(data, (n, blocks, r, height, width)), [0, 1, 3, 4, 2])
+    data = relax.op.layout_transform(data, lambda n, c, h, w: (n, c // r, h, w, c % r),
+                                     pad_value=zero if channels % r else None)
     if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
         data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
         zero -= 128
@@ -133,7 +129,8 @@ def unblock(x, out_shape, padded: int):
     """NCHW{lanes}c -> NCHW of `out_shape` (the conv's), dropping the padded output channels."""
     from tvm import relax
 
-    # permute + reshape rather than layout_transform (see blocked_conv2d)
+    # permute + reshape rather than layout_transform: that op's Python wrapper needs the
+    # input's type, which a freshly built expression does not have yet
     n, channels, height, width = (int(d) for d in out_shape)
     x = relax.op.reshape(relax.op.permute_dims(x, [0, 1, 4, 2, 3]), (n, padded, height, width))
     if padded != channels:
@@ -183,11 +180,6 @@ def _conv2d_blocked_te(data, kernel, strides, dilation):
             * kernel[ob, rc, rh, rw, oi, ri].astype("int32"),
             axis=[rc, rh, rw, ri]),
         name=BLOCKED_KERNEL)
-
-
-def _static_shape(expr) -> list[int]:
-    info = getattr(expr, "ty", None) or expr.struct_info
-    return [int(d) for d in info.shape.values]
 
 
 def _round_up(value: int, multiple: int) -> int:
