@@ -166,3 +166,16 @@ def _seeded_torch():
     """A fixed torch seed for every test (numpy tests use their own default_rng(seed))."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A TVM RPC tracker on loopback, in its own process group, stopped after the module."""
+    from tensorfold.targets import rpc
+
+    port = rpc.free_port()
+    managed = rpc.start_tracker("127.0.0.1", port)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        managed.stop()

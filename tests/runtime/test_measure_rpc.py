@@ -24,16 +24,6 @@ needs_qemu = pytest.mark.skipif(MISSING is not None, reason=f"arm64 under qemu u
 
 
 @pytest.fixture(scope="module")
-def tracker():
-    port = rpc.free_port()
-    managed = rpc.start_tracker("127.0.0.1", port)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        managed.stop()
-
-
-@pytest.fixture(scope="module")
 def graphs():
     model = digits.model(verbose=False)
     wrong = copy.deepcopy(model)

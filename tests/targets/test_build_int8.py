@@ -170,18 +170,6 @@ def test_arm64_lays_convs_out_for_sdot_only_where_the_cpu_has_it(digits_graphs, 
     assert len(dotprod["int8_kernels"]) == 5
 
 
-@pytest.fixture(scope="module")
-def tracker():
-    from tensorfold.targets import rpc
-
-    port = rpc.free_port()
-    managed = rpc.start_tracker("127.0.0.1", port)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        managed.stop()
-
-
 def _qemu_missing():
     from tensorfold.targets import qemu
 
