@@ -8,7 +8,6 @@ build's work dir (MetaSchedule prints a table per iteration otherwise).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from tensorfold.ir.errors import BuildError, TargetError
 
 from .registry import Target
 from .tuning_database import has_record, open_database
+from .tuning_logs import metaschedule_logging
 from .tuning_profile import profile_tasks
 from .tuning_spaces import spaces
 from .tuning_progress import TrialProgress, native_stderr_to
@@ -200,12 +200,9 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
     per_round = min(64, max(per_task // 4, min(per_task, 8)))
     per_task_cap = min(trials, 3 * max(per_task, per_round))
     cores = int(target.tvm_target.get("num-cores") or os.cpu_count() or 1)
-    # MetaSchedule echoes every log line to stdout at its global logger's level; the
-    # files under work_dir/logs keep everything (create_loggers sets them to DEBUG).
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
     counter = TrialProgress(total=min(trials, per_task_cap * len(tasks)), enabled=progress,
                             description=f"tuning {len(tasks)} task(s) for {target.name}")
-    with counter, native_stderr_to(os.path.join(work_dir, "logs", "tvm_stderr.log")):
+    with counter, native_stderr_to(os.path.join(work_dir, "logs", "tvm_stderr.log")), metaschedule_logging() as logs:
         counter.phase("preparing search spaces")
         load_for(target.tvm_target)
         compiler = None if target.runs_here else _cross_compiler(target)
@@ -214,6 +211,7 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
             f_export=functools.partial(tuning_worker.export_cross, compiler=compiler) if compiler else None)
         contexts, weights = [], []
         for group, space in spaces(tasks, target):
+            logs.before_config()
             made, group_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 group, work_dir=work_dir, num_threads=cores, space=space,
                 # A population sized to the budget: the default 512 spends minutes evolving
@@ -221,9 +219,7 @@ def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, pro
                 strategy=ms.search_strategy.EvolutionarySearch(population_size=min(512, max(64, 16 * per_round))))
             contexts += list(made)
             weights += list(group_weights)
-            # each call makes MetaSchedule's console handler at its logger's level, then sets that
-            # level to DEBUG (for the files): put it back so the next group's console stays quiet
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
+            logs.after_config()
         counter.phase("tuning")
         try:
             ms.tune.tune_tasks(

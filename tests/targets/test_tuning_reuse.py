@@ -1,7 +1,9 @@
 """MetaSchedule tuning: a handful of trials, then later builds reuse the database instead of re-tuning."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import shutil
 
 import pytest
@@ -85,6 +87,30 @@ def test_tune_further_spends_the_budget_on_tuned_tasks_too(tuned, tools):
     assert lines_after[:len(lines_before)] == lines_before and len(lines_after) > len(lines_before)  # kept, added
     assert tuning["untuned"] == []
     assert tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"]) < 1e-4
+
+
+def test_tuning_works_whatever_handlers_the_host_put_on_metaschedules_logger(tmp_path, tools):
+    """pytest 9 attaches unnamed LogCaptureHandlers there; MetaSchedule's create_loggers failed on them."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed, named = logging.Handler(), logging.StreamHandler(io.StringIO())
+    named.set_name("host.handler")
+    logger.addHandler(unnamed)
+    logger.addHandler(named)
+    level, propagate = logger.level, logger.propagate
+    try:
+        # two builds in one process: the second one configures MetaSchedule's loggers again
+        for run in ("a", "b"):
+            model, x = _conv_relu(), torch.randn(1, 3, 16, 16)
+            artifact = tf.build(tf.capture(model, (x,)), "x86", tmp_path / run, tune_trials=2,
+                                tuning_db=tmp_path / f"db-{run}", progress=False)
+            assert artifact.manifest["tuning"]["trials_spent"] > 0 and artifact.manifest["tuning"]["untuned"] == []
+            assert tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"]) < 1e-4
+            # left as it was found: the host's handlers, none of MetaSchedule's, the same level
+            assert logger.handlers == [unnamed, named]
+            assert (logger.level, logger.propagate) == (level, propagate)
+    finally:
+        logger.removeHandler(unnamed)
+        logger.removeHandler(named)
 
 
 def test_untuned_build_still_applies_the_database(tuned):
