@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -80,11 +81,13 @@ class OnnxGraph(Graph):
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         self._constants = {t.name: t for t in self.model.graph.initializer}
         self._quantized: set[str] = set()
+        self._computed: set[str] = set()  # weights that nodes compute (Constant, ConstantOfShape): they count as params
         self._scales = {name for node in self.model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                         for name in node.input[1:]}
         for node in self.model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self._constants[node.output[0]] = node.attribute[0].t
+                self._computed.add(node.output[0])
             elif node.op_type in ("Identity", "Transpose") and node.input[0] in self._constants:
                 # exports without constant folding route weights through these (Linear without bias:
                 # MatMul(x, Transpose(W)); equal tensors deduplicated behind an Identity)
@@ -92,6 +95,14 @@ class OnnxGraph(Graph):
                 if node.op_type == "Transpose":
                     value = np.transpose(value, _attrs(node).get("perm"))
                 self._constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+            elif node.op_type == "ConstantOfShape" and node.input[0] in self._constants:
+                # old exporters (the ONNX model zoo's "light" graphs) compute weights this way
+                shape = numpy_helper.to_array(self._constants[node.input[0]]).astype(np.int64)
+                fill = _attrs(node).get("value")
+                fill = numpy_helper.to_array(fill).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+                self._constants[node.output[0]] = numpy_helper.from_array(np.full(shape, fill[0], fill.dtype),
+                                                                          node.output[0])
+                self._computed.add(node.output[0])
             elif node.op_type == "DequantizeLinear" and all(i in self._constants for i in node.input if i):
                 # a quantized weight (QDQ): read as its float value, but the layer is marked quantized
                 arrays = [numpy_helper.to_array(self._constants[i]) if i else None for i in node.input]
@@ -273,8 +284,11 @@ class OnnxGraph(Graph):
         return unknown
 
     def total_params(self) -> int:
-        # float weights, and quantized ones (8-bit weights, 32-bit biases) with them; not shapes or indices
-        return int(sum(int(np.prod(t.dims)) for t in self.model.graph.initializer
+        # float weights, and quantized ones (8-bit weights, 32-bit biases) with them; not shapes or indices;
+        # wherever they live: initializers, Constant nodes, ConstantOfShape (not the copies that
+        # Identity / Transpose / DequantizeLinear make of them)
+        held = list(self.model.graph.initializer) + [self._constants[name] for name in self._computed]
+        return int(sum(int(np.prod(t.dims)) for t in held
                        if helper.tensor_dtype_to_np_dtype(t.data_type) in _PARAM_DTYPES and t.name not in self._scales))
 
     # ---- editing ----------------------------------------------------------------------
@@ -315,9 +329,49 @@ class OnnxGraph(Graph):
         self.model.graph.initializer.extend(initializers)
         self._drop_dead_nodes()
         self._drop_unused_initializers()
+        _allow_initializers_outside_inputs(self.model)
         if any(n.op_type == "Einsum" for n in new_nodes):
-            _require_opset(self.model, 12)
+            self.model = upgraded_opset(self.model, 12, self.source, "an Einsum (the Tensor-Train layer)")
+        elif any(n.op_type == "Gemm" and len(n.input) < 3 for n in new_nodes):
+            self.model = upgraded_opset(self.model, 11, self.source, "a Gemm without bias (optional C)")
         self._invalidate()
+
+    def upgrade_opset(self, version: int, why: str) -> bool:
+        """Raise the graph to opset `version` (ONNX's version converter); True when it changed."""
+        before = opset_version(self.model)
+        self.model = upgraded_opset(self.model, version, self.source, why)
+        self._invalidate()
+        return opset_version(self.model) != before
+
+    def materialize_weights(self) -> list[str]:
+        """Weights and biases of the layers that nodes compute (Constant, ConstantOfShape, a Transpose
+        of an initializer, ...) become initializers; returns their names.
+
+        Tools that work on initializers (onnxruntime's quantizer takes any other weight for an
+        activation and quantizes it per tensor at run time) then see every weight. An exact rewrite:
+        the values are the ones the nodes computed. (onnxscript's constant folder does not do it for
+        old files: initializers that IR < 4 lists as graph inputs count as overridable there.)
+        """
+        initializers = {t.name for t in self.model.graph.initializer}
+        lifted = {}
+        for layer in self.layers():
+            if layer.spec is None:
+                continue
+            node = next(n for n in self.model.graph.node if n.name == layer.facts["nodes"][0])
+            for name in node.input[1:]:
+                if name and name not in initializers and name not in self._quantized and name in self._constants:
+                    lifted[name] = numpy_helper.from_array(self.constant(name), name)
+        if not lifted:
+            return []
+        kept = [n for n in self.model.graph.node if not any(o in lifted for o in n.output)]
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(kept)
+        self.model.graph.initializer.extend(lifted.values())
+        _allow_initializers_outside_inputs(self.model)
+        self._drop_dead_nodes()
+        self._drop_unused_initializers()
+        self._invalidate()
+        return sorted(lifted)
 
     def _free_prefix(self, base: str) -> str:
         base = base.replace("/", "_").replace(":", "_").strip("_") or "layer"
@@ -425,10 +479,28 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return used
 
 
-def _require_opset(model: onnx.ModelProto, version: int) -> None:
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version < version:
-            opset.version = version
+def _allow_initializers_outside_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too; the new ones are not (IR 4 came
+    with opset 9, the oldest opset the ONNX model zoo uses; nothing else changed in the format)."""
+    model.ir_version = max(model.ir_version, 4)
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgraded_opset(model: onnx.ModelProto, version: int, source: str, why: str) -> onnx.ModelProto:
+    """The model at opset >= `version`, through ONNX's version converter (ops whose meaning changed
+    between opsets are rewritten, not just relabelled); the model itself where it is new enough."""
+    if opset_version(model) >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{source}: {why} needs opset {version}, and ONNX's version converter cannot raise "
+                          f"opset {opset_version(model)} to it: {type(e).__name__}: {str(e).strip()[:300]}") from e
+    return converted
 
 
 def load(path: str, input_shapes: Mapping[str, Sequence[int]] | None = None) -> OnnxGraph:

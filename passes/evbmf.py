@@ -59,15 +59,20 @@ def evbmf(matrix: np.ndarray, sigma2: float | None = None, H: int | None = None)
     # (512 x 4608 here), and precise enough for a rank threshold
     gram_eigenvalues = np.linalg.eigvalsh(Y @ Y.T)[::-1]
     values = np.sqrt(np.clip(gram_eigenvalues, 0.0, None))[:H]
+    # zero singular values (dead filters of a trained layer, an exactly low-rank matrix) carry no
+    # signal: their x - log(x) term is a constant in sigma^2 except for log(sigma^2), which the
+    # (L - H) term counts once they are left out of H; kept, log(0) made Omega infinite
+    values = values[values > (values[0] if values.size else 0.0) * np.finfo(np.float64).eps ** 0.5]
+    H = values.size
     values2 = values ** 2
     residual = max(float(np.sum(Y ** 2) - np.sum(values2)), 0.0)
     reliable = True
     if sigma2 is None:
         upper = (np.sum(values2) + residual) / (L * M)
+        if upper <= 0 or H == 0:
+            return EVBMFResult(0, 0.0, np.zeros(0), False)
         h_bar = min(math.ceil(L / (1 + alpha)) - 1, H - 1)  # 1-based h_bar, capped so gamma_{h_bar+1} exists
         lower = max(values2[h_bar] / (M * x_bar), float(np.mean(values2[h_bar:])) / M)
-        if upper <= 0:
-            return EVBMFResult(0, 0.0, np.zeros(0), False)
         if not lower < upper:
             # small matrices: the bounds cross and the estimate is unreliable (§6.1 pitfalls)
             reliable = False

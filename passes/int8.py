@@ -13,6 +13,7 @@ point, weights and bias dequantized from the stored integers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -23,10 +24,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tensorfold.ir.errors import PipelineError
+from tensorfold.ir.errors import ExportError, PipelineError, TensorfoldError
 from tensorfold.ir.graph import Graph, Layer
-from tensorfold.ir.onnx_graph import OnnxGraph
+from tensorfold.ir.onnx_graph import OnnxGraph, opset_version
 from tensorfold.ir.quant_math import fake_quant
+from tensorfold.ir.specs import Linear
 
 from .measure import Feeds, layer_error
 from .registry import Option, PassContext, register
@@ -56,16 +58,15 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
     if not 0 < options["percentile"] <= 100:
         raise PipelineError(f"int8: percentile={options['percentile']} must lie in (0, 100]")
     source = _as_onnx(graph)
+    options = _prepare(source, options, report)
     layers = [l for l in source.layers() if l.kind in ("conv", "linear") and l.facts["op"] in QUANTIZED_OPS]
     kept = _kept_in_float(layers, options, report)
     for layer in layers:
         if layer.spec is None or layer.unusable:
             kept.setdefault(layer.name, f"not quantized: {layer.unusable}")
+    result = _quantized_graph(source, graph, feeds, options, layers, kept)
     for name, reason in kept.items():
         report.skip(name, reason)
-    quantized = _quantize(source, feeds, options, exclude=[n for l in layers if l.name in kept
-                                                           for n in l.facts["nodes"]])
-    result = OnnxGraph(quantized, graph.source, {i.name: i.shape for i in graph.inputs})
     for layer in layers:
         if layer.name in kept:
             continue
@@ -74,7 +75,13 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
             report.skip(layer.name, "onnxruntime left it in float (no quantized input or weight)")
         else:
             report.add(record)
-    report.summary = {"model bytes fp32": source.model.ByteSize(), "model bytes int8": quantized.ByteSize(),
+    read = {n for l in layers for n in l.facts["nodes"]}
+    for node in result.model.graph.node:
+        if node.op_type in QUANTIZED_OPS and node.name not in read and _reads_dequantized(result.model, node):
+            report.add(LayerRecord(node.name, "quantized", f"a {node.op_type} tensorfold does not read as a layer "
+                                   "(e.g. its weight on the left): its error is in the whole-model error only",
+                                   method="int8 (onnxruntime's quantizer)"))
+    report.summary = {"model bytes fp32": source.model.ByteSize(), "model bytes int8": result.model.ByteSize(),
                       "calibration batches": len(feeds)}
     report.warnings.append("random inputs fall outside the calibrated ranges, so their errors are an upper bound; "
                            "the calibration errors are the ones that predict accuracy")
@@ -89,6 +96,49 @@ def _as_onnx(graph: Graph) -> OnnxGraph:
         graph.save(path)
         model = onnx.load(path)
     return OnnxGraph(model, graph.source, {i.name: i.shape for i in graph.inputs})
+
+
+def _prepare(source: OnnxGraph, options: dict, report: PassReport) -> dict:
+    """Bring a file from another exporter to what the quantizer needs (edits `source`, exact);
+    returns the options to quantize with."""
+    lifted = source.materialize_weights()
+    if lifted:
+        report.warnings.append(f"{len(lifted)} weight(s) computed by nodes (Constant, ConstantOfShape, ...) stored "
+                               "as initializers, so that they are quantized as weights")
+    if options["per_channel"]:
+        try:
+            before = opset_version(source.model)
+            if source.upgrade_opset(13, "per-channel int8 (DequantizeLinear's axis)"):
+                report.warnings.append(f"opset {before} raised to 13 with ONNX's version converter: "
+                                       "per-channel Q/DQ needs opset 13")
+        except ExportError as e:
+            report.warnings.append(f"quantized per tensor, not per channel: {e}")
+            options = {**options, "per_channel": False}
+    return options
+
+
+def _quantized_graph(source: OnnxGraph, graph: Graph, feeds: Feeds, options: dict, layers: list[Layer],
+                     kept: dict[str, str]) -> OnnxGraph:
+    """Quantize all but `kept`; a layer whose int8 form cannot be read back (so neither run nor
+    measured by tensorfold) joins `kept` with the reason, and the rest is quantized again."""
+    shapes = {i.name: i.shape for i in graph.inputs}
+    for _ in range(3):
+        quantized = _quantize(source, feeds, options, exclude=[n for l in layers if l.name in kept
+                                                               for n in l.facts["nodes"]])
+        try:
+            result = OnnxGraph(quantized, f"{graph.source} (int8)", shapes)
+            result.run(result.random_inputs())
+        except TensorfoldError as e:
+            raise PipelineError(f"{graph.source}: onnxruntime's quantizer made a graph onnxruntime cannot run "
+                                f"(a tensorfold bug; the input model is fine): {e}") from e
+        specs = {l.name: l.spec for l in result.layers()}
+        unreadable = [l.name for l in layers if l.name not in kept and l.name in specs and specs[l.name] is None]
+        if not unreadable:
+            result.source = graph.source  # saving it must still refuse to overwrite the input file
+            return result
+        for name in unreadable:
+            kept[name] = "kept in float: its quantized weights could not be read back to run and measure it"
+    raise PipelineError(f"{graph.source}: int8 could not settle which layers to quantize")
 
 
 def _kept_in_float(layers: list[Layer], options: dict, report: PassReport) -> dict[str, str]:
@@ -144,6 +194,11 @@ def _quantize(source: OnnxGraph, feeds: Feeds, options: dict, exclude: list[str]
         return onnx.load(path)
 
 
+def _reads_dequantized(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])
+
+
 def _layer_record(source: OnnxGraph, result: OnnxGraph, layer: Layer, context: PassContext) -> LayerRecord | None:
     started = time.perf_counter()
     quantized = result.model
@@ -156,6 +211,10 @@ def _layer_record(source: OnnxGraph, result: OnnxGraph, layer: Layer, context: P
     scale, zero_point = constants[dq.input[1]], constants[dq.input[2]]
     # the result reads each quantized layer with the dequantized values its int8 kernels use
     int8_spec = result.layer(layer.name).spec
+    if isinstance(int8_spec, Linear) and int8_spec.bias is None and layer.spec.bias is not None:
+        # MatMul + Add: the quantizer puts a Q/DQ on the MatMul's output, so the Add (still in
+        # float, same bias) is no longer read as part of the layer; it still runs after it
+        int8_spec = dataclasses.replace(int8_spec, bias=layer.spec.bias)
     error_random, error_calibration = layer_error(source, [layer], [int8_spec], context.inputs,
                                                   new_input=lambda x: fake_quant(x, scale, zero_point))
     weight = constants.get(producers[node.input[1]].input[0])

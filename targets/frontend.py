@@ -11,6 +11,7 @@ import types
 from typing import Any
 
 from tensorfold.ir.errors import BuildError, ExportError
+from tensorfold.ir.onnx_fold import fold_shapes
 
 
 def to_relax(graph) -> tuple[Any, str]:
@@ -75,7 +76,8 @@ def _from_onnx(graph) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    model = graph.to_onnx()
+    shapes = {info.name: list(info.shape) for info in graph.inputs}
+    model = fold_shapes(graph.to_onnx(), shapes, graph.source)
     known = _get_convert_map()
     missing = [node for node in model.graph.node
                if node.op_type not in known and node.op_type not in ("Constant", "If")]
@@ -84,7 +86,6 @@ def _from_onnx(graph) -> Any:
         raise BuildError(
             f"{graph.source}: the TVM Relax ONNX frontend does not support {len(missing)} node(s): {details}. "
             "Rewrite those nodes with supported ONNX ops, or leave this model to onnxruntime")
-    shapes = {info.name: list(info.shape) for info in graph.inputs}
     dtypes = {info.name: info.dtype for info in graph.inputs}
     try:
         return from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)

@@ -100,6 +100,73 @@ def make_onnx_model(nodes: list, inputs: dict[str, Sequence], outputs: dict[str,
     return model
 
 
+def wild_onnx_model(opset: int = 12, seed: int = 0) -> onnx.ModelProto:
+    """A small CNN as other converters (paddle2onnx, tf2onnx) write them, not as torch.onnx.export does.
+
+    Old opset; weights partly in `Constant` nodes; symbolic batch/height/width; the flatten is a
+    `Shape -> Gather -> Unsqueeze -> Concat -> Reshape` subgraph; an SE block gated by HardSigmoid;
+    a BatchNormalization to fold; a MatMul head with its weight on the right (+ Add bias) and
+    one with its weight on the left (a token mixer). Outputs: logits (N, 10) and tokens (N, 4, 8).
+    """
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                value=numpy_helper.from_array(np.asarray(value), name))
+
+    def unsqueeze(x, y, axes):
+        if opset >= 13:
+            return [constant(f"{y}_axes", np.array(axes, np.int64)), helper.make_node("Unsqueeze", [x, f"{y}_axes"], [y])]
+        return [helper.make_node("Unsqueeze", [x], [y], axes=axes)]
+
+    nodes = [
+        constant("conv1.w", w(8, 3, 3, 3)), constant("conv1.b", w(8)),
+        helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        bn_node("bn1", "c1", "b1"),
+        helper.make_node("Relu", ["b1"], ["r1"]),
+        # squeeze-and-excitation, gated by a hard sigmoid (MobileNet-v3 style)
+        helper.make_node("GlobalAveragePool", ["r1"], ["se_pool"]),
+        helper.make_node("Conv", ["se_pool", "se1.w", "se1.b"], ["se1"], name="se_reduce"),
+        helper.make_node("Relu", ["se1"], ["se1r"]),
+        helper.make_node("Conv", ["se1r", "se2.w", "se2.b"], ["se2"], name="se_expand"),
+        helper.make_node("HardSigmoid", ["se2"], ["gate"], alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["r1", "gate"], ["se_out"]),
+        constant("conv2.w", w(16, 8, 3, 3, scale=0.2)),
+        helper.make_node("Conv", ["se_out", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        # flatten through a shape subgraph: (N, 16, 1, 1) -> Reshape(to [N, -1])
+        helper.make_node("GlobalAveragePool", ["r2"], ["pool"]),
+        helper.make_node("Shape", ["pool"], ["pool_shape"]),
+        constant("zero", np.array(0, np.int64)),
+        helper.make_node("Gather", ["pool_shape", "zero"], ["batch"], axis=0),
+        *unsqueeze("batch", "batch1", [0]),
+        constant("minus_one", np.array([-1], np.int64)),
+        helper.make_node("Concat", ["batch1", "minus_one"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc.w"], ["fc"], name="fc"),
+        helper.make_node("Add", ["fc", "fc.b"], ["logits"]),
+        # tokens (N, 16, 8): a fixed-size pooling, then a MatMul with the weight on the left
+        helper.make_node("AveragePool", ["r2"], ["tok_pool"], kernel_shape=[1, 1], strides=[1, 1]),
+        helper.make_node("Shape", ["r2"], ["r2_shape"]),
+        constant("first_two", np.array([0, 1], np.int64)),
+        helper.make_node("Gather", ["r2_shape", "first_two"], ["nc"], axis=0),
+        constant("eight", np.array([8], np.int64)),
+        helper.make_node("Concat", ["nc", "eight", "minus_one"], ["tok_shape"], axis=0),
+        helper.make_node("Reshape", ["tok_pool", "tok_shape"], ["tok4"]),
+        helper.make_node("ReduceMean", ["tok4"], ["tok"], axes=[3], keepdims=0),
+        helper.make_node("MatMul", ["mix.w", "tok"], ["tokens"], name="token_mixer"),
+    ]
+    initializers = {"se1.w": w(4, 8, 1, 1), "se1.b": w(4), "se2.w": w(8, 4, 1, 1), "se2.b": w(8),
+                    "conv2.b": w(16), "fc.w": w(16, 10), "fc.b": w(10), "mix.w": w(4, 16),
+                    **bn_initializers("bn1", 8, rng)}
+    return make_onnx_model(nodes, {"x": ["N", 3, "H", "W"]}, {"logits": ["N", 10], "tokens": 3}, initializers,
+                           opsets={"": opset})
+
+
 def bn_initializers(prefix: str, channels: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """gamma, beta, mean, var of a non-trivial batch norm, as named initializers."""
     return {f"{prefix}.gamma": rng.uniform(0.5, 1.5, channels).astype(np.float32),
@@ -143,6 +210,7 @@ class Tools:
     bn_node = staticmethod(bn_node)
     run_onnxruntime = staticmethod(run_onnxruntime)
     fold_bn_records = staticmethod(fold_bn_records)
+    wild_onnx_model = staticmethod(wild_onnx_model)
 
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path

@@ -135,6 +135,41 @@ def test_weights_from_constant_nodes_and_non_constant_weights(tools):
     assert layers["conv_input_weight"].spec is None and "not a constant" in layers["conv_input_weight"].unusable
 
 
+def test_params_are_counted_wherever_the_weights_live(tools):
+    """Initializers, Constant nodes and ConstantOfShape; not int64 shape constants (a report of
+    0 params before made every ratio of a file from another exporter wrong)."""
+    model = tools.wild_onnx_model(12)
+    fill = helper.make_tensor("fill", onnx.TensorProto.FLOAT, [1], [0.5])
+    model.graph.node.extend([
+        helper.make_node("ConstantOfShape", ["bias_shape"], ["bias_filled"], name="bias_of_shape", value=fill),
+        helper.make_node("Add", ["logits", "bias_filled"], ["shifted"])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([10], np.int64), "bias_shape"))
+    model.graph.output.append(helper.make_tensor_value_info("shifted", onnx.TensorProto.FLOAT, [None, 10]))
+    float_tensors = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    float_tensors += [numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"]
+    expected = sum(a.size for a in float_tensors if a.dtype == np.float32) + 10
+    graph = tf.load(tools.save_onnx(model), input_shapes={"x": (1, 3, 32, 32)})
+    assert graph.total_params() == expected
+    assert {"conv1", "conv2"} <= {l.name for l in graph.layers() if l.spec is not None}  # Constant-node weights
+    _, report = tf.compress(graph, "fold_bn")
+    assert report.params_before == expected and report.params_after == expected - 4 * 8  # BN's 4 vectors
+
+
+def test_materialize_weights_stores_computed_weights_as_initializers(tools):
+    graph = tf.load(tools.save_onnx(tools.wild_onnx_model(11)), input_shapes={"x": (1, 3, 32, 32)})
+    x = graph.random_inputs(0)
+    before = graph.run(x)
+    params = graph.total_params()
+    lifted = graph.materialize_weights()
+    assert set(lifted) == {"conv1.w", "conv1.b", "conv2.w"}
+    initializers = {t.name for t in graph.model.graph.initializer}
+    assert set(lifted) <= initializers
+    assert not any(n.op_type == "Constant" and n.output[0] in lifted for n in graph.model.graph.node)
+    after = graph.run(x)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert graph.total_params() == params
+
+
 @pytest.mark.parametrize("auto_pad, expected", [("SAME_UPPER", ((1, 2), (1, 1))), ("SAME_LOWER", ((2, 1), (1, 1)))])
 def test_auto_pad_is_read_as_explicit_pads(auto_pad, expected, tools):
     rng = np.random.default_rng(2)

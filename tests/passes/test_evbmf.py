@@ -1,6 +1,8 @@
 """EVBMF (algorithms.md §6.1) recovers the rank and noise level of low-rank-plus-noise matrices."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,16 @@ def test_weaken():
     assert weaken(64, 16, 0.8) == 64 - int(0.8 * 48)  # R - 0.8 (R - R_EVBMF), musco
     with pytest.raises(PipelineError, match="weaken"):
         weaken(64, 16, 1.5)
+
+
+def test_zero_singular_values_are_no_signal_and_raise_no_warning():
+    """A trained layer with dead filters: exact zero rows (log(0) made the objective infinite)."""
+    rng = np.random.default_rng(3)
+    Y = rng.standard_normal((20, 3)) @ rng.standard_normal((3, 60))
+    Y[:15] += 0.01 * rng.standard_normal((15, 60))
+    Y[15:] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evbmf(Y)
+        assert evbmf(np.zeros((6, 9))).rank == 0
+    assert result.rank == 3 and np.all(np.isfinite(result.shrunk))

@@ -160,3 +160,73 @@ def test_bad_options(folded_onnx, calibration):
         tf.compress(folded_onnx, "int8(calibrate=kl)", calibration=[calibration[:8]])
     with pytest.raises(PipelineError, match="percentile"):
         tf.compress(folded_onnx, "int8(calibrate=percentile, percentile=0)", calibration=[calibration[:8]])
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13])
+def test_int8_of_a_file_from_another_exporter(tools, opset):
+    """Constant-node weights, symbolic dims, a shape subgraph, an SE gate, MatMul weights on both sides;
+    opset < 13 has no per-channel DequantizeLinear (the quantizer used to write an invalid graph)."""
+    path = tools.save_onnx(tools.wild_onnx_model(opset), f"wild{opset}.onnx")
+    original_bytes = open(path, "rb").read()
+    graph = tf.load(path, input_shapes={"x": (1, 3, 32, 32)})
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    int8_graph, report = tf.compress(graph, "fold_bn, int8", calibration=feeds)
+
+    int8_report = report.passes[-1]
+    records = {r.layer: r for r in int8_report.records}
+    quantized = {name for name, r in records.items() if r.action == "quantized"}
+    assert {"se_reduce", "se_expand", "conv2", "fc", "token_mixer"} <= quantized  # conv2/fc: weights in Constant nodes
+    assert any(name.startswith("conv1") for name in quantized)  # conv1 was replaced by its BN-folded form
+    assert all(r.action == "quantized" for r in int8_report.records)
+    assert "does not read as a layer" in records["token_mixer"].reason
+    assert any("raised to 13" in w for w in int8_report.warnings) == (opset < 13)
+    assert any("computed by nodes" in w for w in int8_report.warnings)  # conv2.w, fc.w, ... were Constant nodes
+
+    # the result is a valid file onnxruntime runs, per-channel, close to the float model
+    out = tools.tmp_path / f"wild{opset}_int8.onnx"
+    int8_graph.save(str(out))
+    saved = onnx.load(str(out))
+    onnx.checker.check_model(saved, full_check=True)
+    assert min(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    weight_scales = [numpy_helper.to_array(t) for t in saved.graph.initializer if t.name == "conv2.w_scale"]
+    assert weight_scales and weight_scales[0].shape == (16,)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    expected, got = tools.run_onnxruntime(path, {"x": x}), tools.run_onnxruntime(out, {"x": x})
+    assert tools.pooled_relative_error(list(zip(expected, got))) < 0.05
+    assert open(path, "rb").read() == original_bytes  # the input file is never touched
+
+    # the MatMul + Add layer's reported error is the true one: the bias is still added after the Q/DQ
+    # of the MatMul's output (an error report that dropped it said 0.19)
+    init = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    producer = {o: n for n in saved.graph.node for o in n.output}
+    fc = next(n for n in saved.graph.node if n.name == "fc")
+    x_dq, w_dq = producer[fc.input[0]], producer[fc.input[1]]
+    w_int8 = init[w_dq.input[0]].astype(np.float64) * init[w_dq.input[1]]  # (16, 10), one scale per column
+    fc_w = _wild_weight(tools, opset, "fc.w")
+    fc_b = _wild_weight(tools, opset, "fc.b")
+    num = den = 0.0
+    folded = _folded(graph)
+    for feed in feeds:
+        flat = folded.run(feed, record=["flat"])["flat"].astype(np.float64)
+        ref = flat @ fc_w + fc_b
+        q = np.clip(np.round(flat / init[x_dq.input[1]]) + int(init[x_dq.input[2]]), 0, 255)
+        got = (q - int(init[x_dq.input[2]])) * init[x_dq.input[1]] @ w_int8 + fc_b
+        num, den = num + float(np.sum((ref - got) ** 2)), den + float(np.sum(ref ** 2))
+    assert records["fc"].error_calibration == pytest.approx(np.sqrt(num / den), rel=1e-4)
+    assert records["fc"].error_calibration < 0.05
+
+
+def _wild_weight(tools, opset: int, name: str) -> np.ndarray:
+    """A weight of the wild model, wherever it lives (an initializer or a Constant node)."""
+    model = tools.wild_onnx_model(opset)
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor).astype(np.float64)
+    node = next(n for n in model.graph.node if n.op_type == "Constant" and n.output[0] == name)
+    return numpy_helper.to_array(node.attribute[0].t).astype(np.float64)
+
+
+def _folded(graph):
+    """The graph int8 saw: BN folded (exact; fc's input is the same tensor)."""
+    return tf.compress(graph, "fold_bn")[0]
