@@ -76,8 +76,10 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
         else:
             report.add(record)
     read = {n for l in layers for n in l.facts["nodes"]}
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     for node in result.model.graph.node:
-        if node.op_type in QUANTIZED_OPS and node.name not in read and _reads_dequantized(result.model, node):
+        if (node.op_type in QUANTIZED_OPS and node.name not in read
+                and all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])):
             report.add(LayerRecord(node.name, "quantized", f"a {node.op_type} tensorfold does not read as a layer "
                                    "(e.g. its weight on the left): its error is in the whole-model error only",
                                    method="int8 (onnxruntime's quantizer)"))
@@ -192,11 +194,6 @@ def _quantize(source: OnnxGraph, feeds: Feeds, options: dict, exclude: list[str]
         finally:
             root.setLevel(level)
         return onnx.load(path)
-
-
-def _reads_dequantized(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    return all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])
 
 
 def _layer_record(source: OnnxGraph, result: OnnxGraph, layer: Layer, context: PassContext) -> LayerRecord | None:
