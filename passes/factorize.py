@@ -17,6 +17,7 @@ from tensorfold.ir.specs import Spec, chain_cost
 
 from . import decompose as dec
 from . import rank_policy as rp
+from .data_factorize import LayerMoments, data_details, data_specs, layer_moments, sigma_energy_ranks
 from .equivalent import weight_error
 from .measure import layer_error
 from .progress import progress_bar
@@ -95,8 +96,8 @@ def _candidates(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
     return chosen
 
 
-def _ranks_by_layer(method: str, key: str, layers: list[Layer], options: dict,
-                    report: PassReport) -> dict[str, tuple[tuple[int, ...], str | None]]:
+def _ranks_by_layer(method: str, key: str, layers: list[Layer], options: dict, report: PassReport,
+                    moments: dict[str, LayerMoments] | None = None) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """Ranks (and a note) for every layer the method applies to; others are skipped here."""
     applicable = []
     for layer in layers:
@@ -123,7 +124,10 @@ def _ranks_by_layer(method: str, key: str, layers: list[Layer], options: dict,
     chosen = {}
     for layer in applicable:
         try:
-            choice = rp.select_ranks(policy, key, layer.spec)
+            if moments and isinstance(policy, rp.Energy) and key == "svd":  # energy of the outputs, not the weights
+                choice = sigma_energy_ranks(policy.tau, layer.spec, moments[layer.name].fit)
+            else:
+                choice = rp.select_ranks(policy, key, layer.spec)
         except dec.NotFactorable as e:
             report.skip(layer.name, str(getattr(e, "reason", e)))
             continue
@@ -137,20 +141,25 @@ def factorize(method: str, graph: Graph, options: dict, context: PassContext) ->
     key = METHODS[method].policy_name(options)
     order = {l.name: i for i, l in enumerate(graph.layers())}
     layers = _candidates(graph, options, report)
-    ranks_by_layer = _ranks_by_layer(method, key, layers, options, report)
+    moments = None
+    if options.get("data"):  # statistics of the pass's input graph, for every layer it may factor
+        applicable = [l for l in layers if rp.METHODS[key].check(l.spec) is None]
+        moments = layer_moments(method, graph, applicable, context.inputs.calibration, context.progress, report)
+    ranks_by_layer = _ranks_by_layer(method, key, layers, options, report, moments)
     with progress_bar(f"{method}", total=len(ranks_by_layer), enabled=context.progress) as advance:
         for layer in layers:
             if layer.name not in ranks_by_layer:
                 continue
             ranks, note = ranks_by_layer[layer.name]
-            _factor_one(method, key, graph, graph.layer(layer.name), ranks, note, options, context, report)
+            _factor_one(method, key, graph, graph.layer(layer.name), ranks, note, options, context, report,
+                        moments[layer.name] if moments else None)
             advance()
     report.records.sort(key=lambda r: order.get(r.layer, -1))
     return graph, report
 
 
 def _factor_one(method: str, key: str, graph: Graph, layer: Layer, ranks: tuple[int, ...], note: str | None,
-                options: dict, context: PassContext, report: PassReport) -> None:
+                options: dict, context: PassContext, report: PassReport, moments: LayerMoments | None = None) -> None:
     started = time.perf_counter()
     before = chain_cost([layer.spec], layer.in_shape)
     if not options["force"] and not rp.factorization_pays(key, layer.spec, ranks, layer.in_shape):
@@ -158,8 +167,13 @@ def _factor_one(method: str, key: str, graph: Graph, layer: Layer, ranks: tuple[
                     method=method, params_before=before.params, flops_before=before.flops,
                     details={"ranks": list(ranks)})
         return
+    data_run = None
     try:
-        specs = METHODS[method].realise(layer.spec, ranks, options)
+        if moments is not None:
+            data_run = data_specs(method, key, layer.spec, ranks, options, moments)
+            specs = data_run.specs
+        else:
+            specs = METHODS[method].realise(layer.spec, ranks, options)
     except dec.NotFactorable as e:
         report.skip(layer.name, str(getattr(e, "reason", e)))
         return
@@ -167,6 +181,8 @@ def _factor_one(method: str, key: str, graph: Graph, layer: Layer, ranks: tuple[
     err_random, err_calibration = layer_error(graph, [layer], specs, context.inputs)
     details: dict[str, Any] = {"ranks": list(ranks), "weight_error": weight_error(layer.spec, specs),
                                "factor_layers": sum(len(getattr(s, "cores", [s])) for s in specs)}
+    if data_run is not None:
+        details.update(data_details(layer.spec, data_run, moments))
     if note:
         details["note"] = note
     graph.replace([layer.name], specs)
@@ -192,6 +208,13 @@ def _iterative(n_iter_max: int, tol: float) -> dict[str, Option]:
             "tol": Option(float, tol, "convergence tolerance (change of the relative error)")}
 
 
+_DATA = {
+    "data": Option(bool, False, "minimise the error on calibration data (Sigma-norm, docs/methods.md), not on the "
+                   "weights; needs calibration data"),
+    "damping": Option(float, 1e-4, "with data=true: Sigma + damping * mean(diag Sigma) * I"),
+}
+
+
 def _register(method: str, doc: str, extra: dict[str, Option]) -> None:
     def run(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
         return factorize(method, graph, options, context)
@@ -200,11 +223,16 @@ def _register(method: str, doc: str, extra: dict[str, Option]) -> None:
     register(method, {**_COMMON, **extra})(run)
 
 
-_register("svd", "Truncated SVD of Linear / Gemm / MatMul and 1x1 conv layers into two factors (§1).", {})
+_register("svd", "Truncated SVD of Linear / Gemm / MatMul and 1x1 conv layers into two factors (§1); "
+                 "data=true: SVD-Sigma, the closed form on calibration data (§8).", dict(_DATA))
 _register("spatial_svd", "kxk conv -> (kh x 1) then (1 x kw) conv (Jaderberg / AIMET spatial SVD, §2).", {})
 # HOSVD is already close to the HOOI optimum; a few sweeps get the rest. Each sweep costs two full
 # SVDs (tensorly's HOOI loop ignores its svd= argument; only the HOSVD init uses gram_svd)
-_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al., §3).", _iterative(3, 1e-6))
+_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al., §3); data=true: "
+                     "Tucker-2-ALS-Sigma from the HOOI result (§8).", {
+    **_iterative(3, 1e-6), **_DATA,
+    "data_iter_max": Option(int, 3, "data=true: Sigma-ALS sweeps after HOOI (each: a CG solve for U_S, U_T and "
+                            "the core in closed form)")})
 # ALS sweeps use line search (see als_einsum): 100 of them fit ResNet-18's 3x3 kernels at ratio 4 about
 # as well as 500 plain sweeps, and keep CP-EPC of all its 3x3 convs within minutes on 2 cores.
 _register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable depthwise (CP4); ALS or EPC (§4).", {
@@ -212,5 +240,7 @@ _register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable dep
     "epc_iter_max": Option(int, 100, "method=epc: maximum error-preserving correction sweeps"),
     "variant": Option(str, "cp3", "cp3 (one depthwise kxk) or cp4 (kh x 1 then 1 x kw)"),
     "method": Option(str, "als", "als (CP-ALS) or epc (CPD-EPC, minimum sensitivity within the ALS error)"),
+    **_DATA,
+    "data_iter_max": Option(int, 10, "data=true: CP-ALS-Sigma sweeps after the weight-only CP (CG per factor)"),
 })
 _register("tt", "Linear / Gemm -> Tensor-Train matrix (TT-SVD), an einsum chain (§5).", {})

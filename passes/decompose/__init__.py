@@ -11,22 +11,24 @@ from __future__ import annotations
 
 from ._common import NotFactorable
 from .cp import (check_cp, cp_als, cp_factors, cp_kernel_shape, cp_layout, cp_max_rank, cp_params,
-                 cp_specs, exact_cp, exact_cp_rank)
+                 cp_realise, cp_specs, exact_cp, exact_cp_rank)
 from .cp_epc import balance, cp_epc, sensitivity
 from .spatial_svd import (check_spatial_svd, spatial_svd_layout, spatial_svd_max_rank, spatial_svd_params,
                           spatial_svd_specs)
-from .svd import check_svd, svd_factors, svd_layout, svd_max_rank, svd_params, svd_specs
+from .sigma import cp_sigma_factors, sigma_error, sigma_spectrum, svd_sigma_factors, tucker2_sigma_factors
+from .svd import check_svd, svd_factors, svd_realise, svd_layout, svd_max_rank, svd_params, svd_specs
 from .tt import (check_tt, factorize_size, tt_layout, tt_max_ranks, tt_modes, tt_params, tt_ranks, tt_spec,
                  unfolding_matrices)
-from .tucker2 import check_tucker2, tucker2_factors, tucker2_layout, tucker2_max_ranks, tucker2_params, tucker2_specs
+from .tucker2 import check_tucker2, tucker2_factors, tucker2_realise, tucker2_layout, tucker2_max_ranks, tucker2_params, tucker2_specs
 
 __all__ = [
     "NotFactorable",
     "balance", "check_cp", "cp_als", "cp_epc", "cp_factors", "cp_kernel_shape", "cp_layout", "cp_max_rank",
-    "cp_params", "cp_specs", "exact_cp", "exact_cp_rank", "sensitivity",
+    "cp_params", "cp_realise", "cp_specs", "exact_cp", "exact_cp_rank", "sensitivity",
     "check_spatial_svd", "spatial_svd_layout", "spatial_svd_max_rank", "spatial_svd_params", "spatial_svd_specs",
-    "check_svd", "svd_factors", "svd_layout", "svd_max_rank", "svd_params", "svd_specs",
+    "cp_sigma_factors", "sigma_error", "sigma_spectrum", "svd_sigma_factors", "tucker2_sigma_factors",
+    "check_svd", "svd_factors", "svd_realise", "svd_layout", "svd_max_rank", "svd_params", "svd_specs",
     "check_tt", "factorize_size", "tt_layout", "tt_max_ranks", "tt_modes", "tt_params", "tt_ranks", "tt_spec",
     "unfolding_matrices",
-    "check_tucker2", "tucker2_factors", "tucker2_layout", "tucker2_max_ranks", "tucker2_params", "tucker2_specs",
+    "check_tucker2", "tucker2_factors", "tucker2_realise", "tucker2_layout", "tucker2_max_ranks", "tucker2_params", "tucker2_specs",
 ]

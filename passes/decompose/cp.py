@@ -116,7 +116,7 @@ def _checked(conv: Spec, rank: int, variant: str) -> int:
     return check_rank(rank, cp_max_rank(conv, variant), variant)
 
 
-def _realise(conv: Conv, per_group: list[CPFactors], variant: str) -> list[Spec]:
+def cp_realise(conv: Conv, per_group: list[CPFactors], variant: str) -> list[Spec]:
     """1x1 -> depthwise (one or two) -> 1x1 specs from per-group (lambda, factors)."""
     dims, groups = conv.spatial_dims, conv.groups
     unit, flat = ones(dims), no_padding(dims)
@@ -162,11 +162,11 @@ def cp_factors(conv: Conv, rank: int, variant: str = "cp3", method: str = "als",
 
 def cp_specs(conv: Conv, rank: int, variant: str = "cp3", method: str = "als", **opts) -> list[Spec]:
     """CP3 (3 convs) or CP4 (4 convs) factor specs at `rank` per group, weights in float32."""
-    return _realise(conv, cp_factors(conv, rank, variant, method, **opts), variant)
+    return cp_realise(conv, cp_factors(conv, rank, variant, method, **opts), variant)
 
 
 def cp_layout(conv: Conv, rank: int, variant: str = "cp3") -> list[Spec]:
     """Zero-weight specs with the shapes `cp_specs` would emit."""
     rank = _checked(conv, rank, variant)
     zeros = (np.zeros(rank), [np.zeros((d, rank)) for d in cp_kernel_shape(conv, variant)])
-    return _realise(conv, [zeros] * conv.groups, variant)
+    return cp_realise(conv, [zeros] * conv.groups, variant)

@@ -65,7 +65,7 @@ def _require(spec: Spec) -> None:
         raise NotFactorable(reason)
 
 
-def _realise(spec: Linear | Conv, firsts: list[np.ndarray], seconds: list[np.ndarray]) -> list[Spec]:
+def svd_realise(spec: Linear | Conv, firsts: list[np.ndarray], seconds: list[np.ndarray]) -> list[Spec]:
     """Factor specs from per-group W1 (r, in_g) and W2 (out_g, r) matrices."""
     if isinstance(spec, Linear):
         return [Linear(as_weight(firsts[0]), None), Linear(as_weight(seconds[0]), as_bias(spec.bias))]
@@ -86,9 +86,9 @@ def svd_specs(spec: Linear | Conv, rank: int) -> list[Spec]:
     rank = check_rank(rank, svd_max_rank(spec), "svd")
     if isinstance(spec, Linear):
         first, second = svd_factors(spec.weight, rank)
-        return _realise(spec, [first], [second])
+        return svd_realise(spec, [first], [second])
     pairs = [svd_factors(kernel.reshape(kernel.shape[0], -1), rank) for kernel in group_kernels(spec)]
-    return _realise(spec, [p[0] for p in pairs], [p[1] for p in pairs])
+    return svd_realise(spec, [p[0] for p in pairs], [p[1] for p in pairs])
 
 
 def svd_layout(spec: Linear | Conv, rank: int) -> list[Spec]:
@@ -98,4 +98,4 @@ def svd_layout(spec: Linear | Conv, rank: int) -> list[Spec]:
     groups = 1 if isinstance(spec, Linear) else spec.groups
     in_size = spec.in_features if isinstance(spec, Linear) else int(np.prod(spec.weight.shape[1:]))
     out_size = spec.out_features if isinstance(spec, Linear) else spec.out_channels // groups
-    return _realise(spec, [np.zeros((rank, in_size))] * groups, [np.zeros((out_size, rank))] * groups)
+    return svd_realise(spec, [np.zeros((rank, in_size))] * groups, [np.zeros((out_size, rank))] * groups)

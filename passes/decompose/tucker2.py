@@ -70,7 +70,7 @@ def _checked(conv: Spec, ranks: tuple[int, int]) -> tuple[int, int]:
     return check_rank(ranks[0], bound_out, "tucker2 R_T"), check_rank(ranks[1], bound_in, "tucker2 R_S")
 
 
-def _realise(conv: Conv, factors: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[Spec]:
+def tucker2_realise(conv: Conv, factors: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[Spec]:
     """Three grouped convs from per-group (core, U_T, U_S)."""
     dims = conv.spatial_dims
     unit = ones(dims)
@@ -89,7 +89,7 @@ def _realise(conv: Conv, factors: list[tuple[np.ndarray, np.ndarray, np.ndarray]
 def tucker2_specs(conv: Conv, ranks: tuple[int, int], n_iter_max: int = 100, tol: float = 1e-8) -> list[Spec]:
     """1x1 -> core -> 1x1 factor convs at per-group ranks (R_T, R_S), weights in float32."""
     ranks = _checked(conv, ranks)
-    return _realise(conv, [tucker2_factors(k, ranks, n_iter_max, tol) for k in group_kernels(conv)])
+    return tucker2_realise(conv, [tucker2_factors(k, ranks, n_iter_max, tol) for k in group_kernels(conv)])
 
 
 def tucker2_layout(conv: Conv, ranks: tuple[int, int]) -> list[Spec]:
@@ -98,4 +98,4 @@ def tucker2_layout(conv: Conv, ranks: tuple[int, int]) -> list[Spec]:
     per_out, per_in = conv.out_channels // conv.groups, conv.weight.shape[1]
     zeros = (np.zeros((rank_out, rank_in, *conv.kernel_size)), np.zeros((per_out, rank_out)),
              np.zeros((per_in, rank_in)))
-    return _realise(conv, [zeros] * conv.groups)
+    return tucker2_realise(conv, [zeros] * conv.groups)
