@@ -2,7 +2,8 @@
 
 Accepted: a list of arrays / tensors / {input: array} dicts, a torch DataLoader (the first
 element of each batch is the input), an ImageFolder directory, a `.npy` file holding one
-array (N, ...) or the bundled `digits` data. Every feed is checked against the graph's
+array (N, ...) or a task name (`digits`, `mnist1d-cnn`, ...: its calibration split, a slice
+of its training data; the test data stays held out). Every feed is checked against the graph's
 inputs, so a wrong shape fails here, naming the input and both shapes.
 """
 from __future__ import annotations
@@ -16,9 +17,9 @@ from tensorfold.ir.errors import InputShapeError
 from tensorfold.ir.graph import Graph
 
 from .datasets import DataError, image_folder
+from .tasks import did_you_mean, get_task, is_task, task_names
 
 BATCH = 32          # feeds are batches: calibration ranges are per tensor, so the split does not matter
-DIGITS_COUNT = 512  # calibration images taken from the digits *training* split (the test split stays held out)
 
 
 def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -36,7 +37,7 @@ def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list
         feeds = [{names[0]: batch} for batch in _batches(_numpy(data))]
     else:
         raise DataError(f"calibration data of type {type(data).__name__} is not supported: give a list of arrays, "
-                        "a DataLoader, an ImageFolder directory, a .npy file or 'digits'")
+                        "a DataLoader, an ImageFolder directory, a .npy file or a task name")
     if limit:
         feeds = feeds[:limit]
     if not feeds:
@@ -53,10 +54,8 @@ def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list
 
 
 def _from_path(path: str, graph: Graph) -> np.ndarray:
-    if path == "digits":
-        from tensorfold.examples import digits
-
-        return digits.load_split()[0][:DIGITS_COUNT]
+    if is_task(path) and not os.path.exists(path):
+        return get_task(path).calibration_data()
     if os.path.isdir(path):
         return image_folder(path, graph.inputs[0].shape)[0]
     if path.lower().endswith(".npy"):
@@ -66,7 +65,8 @@ def _from_path(path: str, graph: Graph) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise DataError(f"{path}: not a readable .npy array: {e}") from None
-    raise DataError(f"calibration data {path!r}: expected 'digits', an ImageFolder directory or a .npy file")
+    raise DataError(f"calibration data {path!r}{did_you_mean(path)}: expected a task ({', '.join(task_names())}), "
+                    "an ImageFolder directory or a .npy file")
 
 
 def _batches(array: np.ndarray) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Labelled data for the built-in classification evaluator: the bundled digits, or an ImageFolder tree."""
+"""Labelled data for the built-in classification evaluator: a task's held-out test set, or an ImageFolder tree."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from tensorfold.ir.errors import InputShapeError, TensorfoldError
+
+from .tasks import did_you_mean, get_task, is_task, task_names
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 # ImageNet statistics: what torchvision classifiers are trained with.
@@ -19,19 +21,19 @@ class DataError(TensorfoldError):
 
 
 def load_data(data: Any, input_shape: Sequence[int], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images, labels, description). `data`: "digits", an ImageFolder directory, or (images, labels)."""
+    """(images, labels, description). `data`: a task name (its test set), an ImageFolder directory, or (images, labels)."""
     if isinstance(data, tuple) and len(data) == 2:
         images, labels, what = np.asarray(data[0], np.float32), np.asarray(data[1], np.int64), "given arrays"
-    elif data == "digits":
-        from tensorfold.examples import digits
-
-        images, labels = digits.test_data()
-        what = "bundled digits test set"
+    elif is_task(data) and not os.path.isdir(data):
+        images, labels = get_task(data).test_data()
+        what = f"{data} test set"
     elif isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
         images, labels = image_folder(os.fspath(data), input_shape)
         what = f"ImageFolder {os.fspath(data)}"
     else:
-        raise DataError(f"--data {data!r}: expected 'digits' or an ImageFolder directory (one sub-folder per class)")
+        hint = did_you_mean(data) if isinstance(data, str) else ""
+        raise DataError(f"--data {data!r}{hint}: expected a task ({', '.join(task_names())}) or an ImageFolder "
+                        "directory (one sub-folder per class)")
     if limit:
         images, labels = images[:limit], labels[:limit]
     if tuple(images.shape[1:]) != tuple(input_shape[1:]):

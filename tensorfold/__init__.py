@@ -23,8 +23,10 @@ def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example
     """Run a pipeline ("fold_bn, svd(rank=8)" or [(name, options), ...]) on a Graph or a module.
 
     `calibration`: a list of arrays / tensors / {input name: array} dicts, a DataLoader, an
-    ImageFolder directory, a .npy file or "digits" (runtime/calibration.py); errors are then
-    also measured on it, and data-driven passes (int8) calibrate on it.
+    ImageFolder directory, a .npy file or a task name, whose calibration split (a slice of its
+    training data) is used: "digits", "mnist1d-mlp", "mnist1d-cnn", "resnet18-digits"
+    (`tensorfold tasks`; runtime/calibration.py); errors are then also measured on it, and
+    data-driven passes (int8) calibrate on it.
     """
     graph = graph_or_module
     if not isinstance(graph, Graph):

@@ -1,4 +1,4 @@
-"""The `tensorfold` command: compress, passes, build, targets (measure comes with the TVM work)."""
+"""The `tensorfold` command: compress, passes, build, targets, measure, tasks, rpc."""
 from __future__ import annotations
 
 import argparse
@@ -10,22 +10,22 @@ from typing import Sequence
 from tensorfold.ir.errors import TensorfoldError
 
 
-CALIBRATION_HELP = ("calibration data for data-driven passes (int8): a .npy array, an ImageFolder directory or "
-                    "'digits' (default for the digits model: its training images)")
+CALIBRATION_HELP = ("calibration data for data-driven passes (int8): a .npy array, an ImageFolder directory or a "
+                    "task name (default when MODEL is a task: its calibration split, from its training data)")
 
 
 def _compress(args: argparse.Namespace) -> int:
     import tensorfold as tf
-    from tensorfold.models import EXAMPLES, parse_shape, resolve
+    from tensorfold.models import parse_shape, resolve, task_name
 
     out = os.path.abspath(args.output)
     if os.path.isfile(args.model) and os.path.exists(out) and os.path.samefile(args.model, out):
         raise TensorfoldError(f"refusing to write over the input file {args.model!r}; choose another -o")
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
-    evaluate = args.eval or ("digits" if args.model in EXAMPLES or args.model == EXAMPLES["digits"] else None)
+    evaluate = args.eval or task_name(args.model)
     compressed, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
-    if evaluate == "digits":
-        _add_digits_accuracy(report, graph, compressed)
+    if evaluate:
+        _add_task_scores(report, evaluate, graph, compressed)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     compressed.save(out)
     if out.lower().endswith(".tfz"):
@@ -40,28 +40,29 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(args: argparse.Namespace):
-    """--calibration, or for the bundled digits model its training images (the test images stay held out)."""
-    from tensorfold.models import EXAMPLES
+def _first_task(args: argparse.Namespace) -> str | None:
+    from tensorfold.models import task_name
 
-    if args.calibration:
-        return args.calibration
     models = getattr(args, "models", None) or [args.model]
-    if any(m in EXAMPLES or m == EXAMPLES["digits"] for m in models):
-        return "digits"
-    return None
+    return next((task_name(m) for m in models if task_name(m)), None)
 
 
-def _add_digits_accuracy(report, original, compressed) -> None:
-    from tensorfold.examples import digits
-    from tensorfold.runtime.evaluate import classification_accuracy
+def _calibration(args: argparse.Namespace):
+    """--calibration, or when a model is a task its calibration split (training data: the test data stays held out)."""
+    return args.calibration or _first_task(args)
 
-    images, labels = digits.test_data()
-    before = classification_accuracy(original, images, labels)
-    after = classification_accuracy(compressed, images, labels)
-    report.extra["test accuracy before"] = round(before, 4)
-    report.extra["test accuracy after"] = round(after, 4)
-    report.extra["test images"] = int(len(labels))
+
+def _add_task_scores(report, name: str, original, compressed) -> None:
+    """The task's evaluator on its test set, before and after (e.g. "test accuracy before": 0.9972)."""
+    from tensorfold.runtime.evaluate import predict
+    from tensorfold.runtime.tasks import get_task
+
+    task = get_task(name)
+    inputs, labels = task.test_data()
+    for when, graph in (("before", original), ("after", compressed)):
+        scores = task.evaluate(predict(graph, inputs), labels)
+        report.extra[f"test {task.metric_name} {when}"] = round(scores[task.metric], 4)
+    report.extra["test images" if len(task.input_shape) == 4 else "test samples"] = int(len(labels))
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -175,9 +176,7 @@ def _measure(args: argparse.Namespace) -> int:
 
     for name in args.target:
         get_target(name)  # a bad target name fails before any model is loaded
-    data = args.data
-    if data is None and any(m in ("digits", "tensorfold.examples.digits:model") for m in args.models):
-        data = "digits"
+    data = args.data or _first_task(args)
     try:
         report = measure(args.models, args.target, data=data, rounds=args.rounds, warmup=args.warmup,
                          tune_trials=args.tune_trials, report=args.report, passes=args.passes,
@@ -192,6 +191,26 @@ def _measure(args: argparse.Namespace) -> int:
     report.print()
     if args.report:
         print(f"wrote {', '.join(report.files)}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from tensorfold.runtime.tasks import list_tasks
+
+    for task in list_tasks():
+        n_train, n_test = task.sizes()
+        baseline = task.baseline()
+        if baseline is None:
+            trained = "not trained yet (trains on first use)"
+        else:
+            seconds = baseline.get("train_seconds")
+            trained = (f"test {task.metric_name} {baseline[task.metric]:.4f} on {baseline['test_samples']}"
+                       + (f" (trained in {seconds} s)" if seconds is not None else ""))
+        print(f"{task.name}: {task.description}")
+        print(f"    model: {task.factory.__name__}, input {tuple(task.input_shape)}; data: {n_train} train "
+              f"({min(task.calibration_count, n_train)} of them for calibration) / {n_test} test")
+        print(f"    baseline: {trained}")
+        print(f"    why: {task.why}")
     return 0
 
 
@@ -246,18 +265,23 @@ def _rpc_server(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tensorfold.runtime.tasks import task_names
+
     parser = argparse.ArgumentParser(prog="tensorfold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     compress = sub.add_parser("compress", help="run a pass pipeline on a model and write the result")
-    compress.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or 'digits'")
+    compress.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or a task "
+                          "(`tensorfold tasks`)")
     compress.add_argument("-p", "--passes", required=True, help='pipeline, e.g. "fold_bn, svd(rank=8)"')
     compress.add_argument("-o", "--output", required=True,
                           help="output file: .onnx (any model), .pt2 or .pt (torch), .tfz (after kmeans)")
     compress.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
     compress.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     compress.add_argument("--report", help="write the JSON report here")
-    compress.add_argument("--eval", choices=["digits"], help="also report accuracy before/after on a bundled dataset")
+    compress.add_argument("--eval", choices=task_names(), metavar="TASK",
+                          help="also report the task's test score before/after (default when MODEL is a task); "
+                          f"one of {', '.join(task_names())}")
     compress.add_argument("--calibration", help=CALIBRATION_HELP)
     compress.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     compress.set_defaults(func=_compress)
@@ -266,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     passes.set_defaults(func=_passes)
 
     build = sub.add_parser("build", help="compile a model with TVM for a target into an artifact folder")
-    build.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or 'digits'")
+    build.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or a task")
     build.add_argument("--target", "-t", required=True, help="x86, x86:<mcpu>, cuda[:sm_XX], arm64[:<mcpu>], "
                        "android-arm64 (see `tensorfold targets`)")
     build.add_argument("-o", "--output", required=True, help="artifact folder to write")
@@ -291,11 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure = sub.add_parser("measure", help="latency and accuracy per candidate x engine x target, side by side")
     measure.add_argument("models", nargs="+", metavar="MODEL",
-                         help="what compress takes (.onnx, torchvision:<arch>, pkg.mod:fn, digits) or an artifact folder")
+                         help="what compress takes (.onnx, torchvision:<arch>, pkg.mod:fn, a task) or an artifact folder")
     measure.add_argument("--target", "-t", action="append", required=True, help="a target; repeat for more")
     measure.add_argument("-p", "--passes", help="also measure each model compressed with this pipeline")
-    measure.add_argument("--data", help="'digits' or an ImageFolder directory (default: digits for the digits "
-                         "model, else random inputs, fidelity only)")
+    measure.add_argument("--data", help="a task name (its test set) or an ImageFolder directory (default: the "
+                         "task's test set when a model is a task, else random inputs, fidelity only)")
     measure.add_argument("--limit", type=int, help="evaluate on the first N images only")
     measure.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for builds (0: untuned)")
     measure.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
@@ -310,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--calibration", help=CALIBRATION_HELP)
     measure.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     measure.set_defaults(func=_measure)
+
+    tasks = sub.add_parser("tasks", help="list the trained tasks (usable as MODEL, --data, --calibration)")
+    tasks.set_defaults(func=_tasks)
 
     rpc = sub.add_parser("rpc", help="start or stop a local TVM RPC tracker (127.0.0.1)")
     rpc.add_argument("action", choices=["start", "stop", "status"])

@@ -62,9 +62,9 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     """Measure latency and accuracy of every candidate on every engine of every target.
 
     candidates: a model or a list of them (a Graph, an .onnx path, `torchvision:<arch>`, a factory
-    `pkg.mod:fn`, `digits`, or an artifact folder), or (name, model) pairs / a {name: model} dict;
+    `pkg.mod:fn`, a task name such as `digits`, or an artifact folder), or (name, model) pairs / a {name: model} dict;
     the first is the original that fidelity is measured against. passes: also measure each
-    graph compressed with this pipeline (calibrated on `calibration`, see tf.compress). data: "digits", an ImageFolder directory, (images,
+    graph compressed with this pipeline (calibrated on `calibration`, see tf.compress). data: a task name (its test set), an ImageFolder directory, (images,
     labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
     called with each engine's outputs. rpc_tracker "HOST:PORT" + rpc_key: where remote targets
     (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError

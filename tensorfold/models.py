@@ -2,7 +2,8 @@
 
 MODEL is an `.onnx` file, a torchvision architecture (`torchvision:resnet18`, random
 weights unless `weights=` names a state-dict file), a Python factory
-`package.module:function` returning an `nn.Module`, or a bundled example (`digits`).
+`package.module:function` returning an `nn.Module`, or a trained task (`digits`,
+`mnist1d-cnn`, ...: `tensorfold tasks`), trained on first use and captured with its input shape.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 
 from tensorfold.ir import Graph, capture, load
 from tensorfold.ir.errors import CaptureError, InputShapeError
+from tensorfold.runtime.tasks import did_you_mean, get_task, is_task, task_names
 
+# The old spelling of the digits task, still accepted wherever a task name is.
 EXAMPLES = {"digits": "tensorfold.examples.digits:model"}
 DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 
@@ -31,9 +34,18 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def task_name(model: object) -> str | None:
+    """The task a model name stands for (`digits` also as its old factory path), else None."""
+    if not isinstance(model, str):
+        return None
+    if model in EXAMPLES.values():
+        model = next(name for name, path in EXAMPLES.items() if path == model)
+    return model if is_task(model) else None
+
+
 def resolve(model: str, input_shape: Sequence[int] | None = None, weights: str | None = None) -> Graph:
-    if model in EXAMPLES:
-        model = EXAMPLES[model]
+    if is_task(model) and not os.path.exists(model):
+        return _task_graph(model, input_shape, weights)
     if model.lower().endswith(".onnx") or os.path.isfile(model):
         if weights:
             raise CaptureError(f"{model}: --weights applies to torch models, not to an ONNX file")
@@ -71,8 +83,17 @@ def _torch_module(model: str) -> tuple[torch.nn.Module, tuple[int, ...], str]:
         shape = getattr(factory, "example_input_shape", None) or getattr(module, "example_input_shape", None)
         return module, tuple(shape or DEFAULT_IMAGE_SHAPE), model
     raise CaptureError(
-        f"{model!r}: not a model; give an .onnx file, torchvision:<arch>, a factory package.module:function, "
-        f"or a bundled example ({', '.join(EXAMPLES)})")
+        f"{model!r}: not a model{did_you_mean(model)}; give an .onnx file, torchvision:<arch>, a factory "
+        f"package.module:function, or a trained task ({', '.join(task_names())}; `tensorfold tasks`)")
+
+
+def _task_graph(name: str, input_shape: Sequence[int] | None, weights: str | None) -> Graph:
+    task = get_task(name)
+    module = task.model()
+    if weights:
+        _load_weights(module, weights, name)
+    shape = tuple(input_shape or task.input_shape)
+    return capture(module, (torch.randn(*shape),), source=name)
 
 
 def _load_weights(module: torch.nn.Module, weights: str, source: str) -> None:
