@@ -160,11 +160,15 @@ def _output_infos(mod, names: list[str]) -> list[dict[str, Any]]:
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import tvm
 
-    import tensorfold
-
-    versions = {"tensorfold": tensorfold.__version__, "tvm": tvm.__version__, "python": platform.python_version()}
+    try:  # the installed distribution's version: targets/ may not import the tensorfold API package above it
+        tensorfold_version = version("tensorfold")
+    except PackageNotFoundError:
+        tensorfold_version = "unknown (not installed)"
+    versions = {"tensorfold": tensorfold_version, "tvm": tvm.__version__, "python": platform.python_version()}
     for name in ("torch", "onnx"):
         try:
             versions[name] = __import__(name).__version__
