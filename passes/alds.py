@@ -1,8 +1,8 @@
-"""The alds pass: one shared error bound for all layers, each layer its own chunks k and rank j.
+"""The alds pass: one shared error ε for all layers, each layer its own chunks k and rank j.
 
 The math is in `passes/decompose/alds.py`, the bisection of the shared error in
 `passes/alds_allocation.py`; this module picks the layers, splices the factors in through
-the graph view and reports per layer k, j, the bound and the spectral error reached.
+the graph view and reports per layer k, j, its error figures and the spectral error reached.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .registry import Option, PassContext, register
 from .report import LayerRecord, PassReport
 
 LINEAR_NOTE = "Linear: k=1 (a grouped first factor needs a conv), plain SVD"
+MEASURES = ("bound", "paper")
 
 
 def _check_options(options: dict) -> None:
@@ -37,6 +38,8 @@ def _check_options(options: dict) -> None:
         raise PipelineError("alds: force=true applies with epsilon= only (a budget counts what factoring saves)")
     if options["chunks"] < 0:
         raise PipelineError(f"alds: chunks={options['chunks']} must be >= 1, or 0 to choose per layer")
+    if options["error"] not in MEASURES:
+        raise PipelineError(f"alds: error={options['error']!r}: use {' or '.join(MEASURES)}")
 
 
 def _chunk_choices(layer: Layer, forced: int) -> list[int] | str:
@@ -63,7 +66,8 @@ def _tables(graph: Graph, options: dict, context: PassContext,
             layers.append((layer, choices))
     with progress_bar("alds spectra", total=len(layers), enabled=context.progress) as advance:
         for layer, choices in layers:
-            tables.append((layer, allocation.layer_table(layer.name, layer.spec, layer.in_shape, choices)))
+            tables.append((layer, allocation.layer_table(layer.name, layer.spec, layer.in_shape, choices,
+                                                         options["error"])))
             advance()
     return tables
 
@@ -74,7 +78,7 @@ def _wanted(name: str, options: dict) -> bool:
 
 
 def alds(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
-    """Conv -> grouped kxk (k input-channel chunks, rank j each) -> 1x1; one error bound for all (ALDS, §6.4)."""
+    """Conv -> grouped kxk (k input-channel chunks, rank j each) -> 1x1; one error ε for all layers (ALDS, §6.4)."""
     _check_options(options)
     report = PassReport("alds")
     graph = graph.copy()
@@ -86,11 +90,10 @@ def alds(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
         for layer, table in tables:
             choice = result.choices[layer.name]
             if choice is None:
-                report.skip(layer.name, f"at ε={result.epsilon:.4g} no (k, j) within the bound costs less than "
-                            "the layer", method="alds", params_before=table.original.params,
+                report.skip(layer.name, f"at ε={result.epsilon:.4g} no (k, j) within ε costs less than the layer", method="alds", params_before=table.original.params,
                             flops_before=table.original.flops)
             else:
-                _factor_one(graph, graph.layer(layer.name), choice, context, report)
+                _factor_one(graph, graph.layer(layer.name), choice, table.norm, context, report)
             advance()
     report.records.sort(key=lambda r: order.get(r.layer, -1))
     report.summary.update(_summary(options, budget, result, len(tables)))
@@ -115,7 +118,7 @@ def _allocate(tables: list[allocation.LayerTable], budget: Budget | None, option
         raise BudgetError(f"alds: {e}", e.smallest_fraction) from None
 
 
-def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, context: PassContext,
+def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, norm: float, context: PassContext,
                 report: PassReport) -> None:
     started = time.perf_counter()
     specs = alds_math.alds_specs(layer.spec, choice.chunks, choice.rank)
@@ -124,8 +127,9 @@ def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, context: 
     matrix = alds_math.fold(layer.spec)
     residual = matrix - dense_weight(specs).reshape(matrix.shape)
     details: dict[str, Any] = {
-        "chunks": choice.chunks, "rank": choice.rank, "bound": choice.bound, "paper_bound": choice.paper_bound,
-        "spectral_error": alds_math.spectral_norm(residual) / alds_math.spectral_norm(matrix),
+        "chunks": choice.chunks, "rank": choice.rank, "error_allocated": choice.error,
+        "upper_bound": choice.upper_bound, "paper_error": choice.paper_error,
+        "spectral_error": alds_math.spectral_norm(residual) / norm,
         "weight_error": weight_error(layer.spec, specs), "factor_layers": len(specs)}
     if layer.kind == "linear":
         details["note"] = LINEAR_NOTE
@@ -140,7 +144,8 @@ def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, context: 
 def _summary(options: dict, budget: Budget | None, result: allocation.Allocation, candidates: int) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "epsilon": result.epsilon,
-        "max_bound": result.max_bound,
+        "error_measure": ("upper bound sqrt(sum_i s_j+1(W_i)^2)/||W||_2" if options["error"] == "bound"
+                          else "the paper's max_i s_j+1(W_i)/||W||_2 (a lower bound on each layer's error)"),
         "chunk_choices": (f"k={options['chunks']}" if options["chunks"]
                           else f"divisors of S up to {alds_math.MAX_CHUNKS}") + "; Linear k=1",
     }
@@ -152,8 +157,11 @@ def _summary(options: dict, budget: Budget | None, result: allocation.Allocation
 
 register("alds", {
     "budget": Option(str, None, "params:<fraction> or flops:<fraction> of the candidate layers; bisects one "
-                                "shared error bound ε"),
-    "epsilon": Option(float, None, "instead of a budget: a fixed shared bound on ||W - Ŵ||_2 / ||W||_2"),
+                                "shared error ε"),
+    "epsilon": Option(float, None, "instead of a budget: a fixed shared error ε"),
+    "error": Option(str, "bound", "what ε limits: bound (an upper bound on ||W - Ŵ||_2 / ||W||_2, a guarantee) or "
+                                  "paper (the paper's max over chunks, a lower bound: errors exceed ε by up to "
+                                  "sqrt(k))"),
     "chunks": Option(int, 0, f"force k input-channel chunks for every conv (0: the cheapest among the divisors "
                              f"of S up to {alds_math.MAX_CHUNKS})"),
     "force": Option(bool, False, "with epsilon=: factor even where it does not reduce the layer's cost "

@@ -1,11 +1,15 @@
 """ALDS's global allocation: one relative error for all layers, bisected against a budget (§6.4).
 
-For a shared error ε every layer takes, among its (k, j), the cheapest whose error bound is
+For a shared error ε every layer takes, among its (k, j), the cheapest whose error figure is
 at most ε, or stays as it is when none costs less than the layer. The model's cost only
-changes where ε crosses one of the bounds, so bisecting over the sorted bounds of all layers
+changes where ε crosses one of the figures, so bisecting over the sorted figures of all layers
 finds the smallest ε that meets the budget exactly (the paper bisects over a real interval).
 The paper alternates this with a per-layer choice of k from random seeds; taking the cheapest
 (k, j) under ε for every k at once needs no seeds.
+
+The figure is the upper bound of `decompose/alds.py` (`measure="bound"`: ε bounds every layer's
+spectral error) or the paper's max_i one (`measure="paper"`: torchprune's allocation, a lower
+bound, so the layers' errors exceed ε by up to sqrt(k)).
 """
 from __future__ import annotations
 
@@ -24,49 +28,57 @@ from .rank_budget import Budget, BudgetError
 class Choice:
     chunks: int
     rank: int
-    bound: float        # upper bound on ||W - Ŵ||_2 / ||W||_2
-    paper_bound: float  # the paper's max_i figure, a lower bound
+    error: float        # the figure allocated on (<= ε)
+    upper_bound: float  # bounds ||W - Ŵ||_2 / ||W||_2 from above
+    paper_error: float  # the paper's max_i figure, bounds it from below
     cost: Cost
 
 
 @dataclass
 class LayerTable:
-    """Every (k, j) of one layer: its bounds per j and its cost, linear in j."""
+    """Every (k, j) of one layer: its error figures per j and its cost, linear in j."""
 
     name: str
     original: Cost
+    norm: float  # ||W||_2
     chunks: list[int]
-    upper: dict[int, np.ndarray] = field(default_factory=dict)  # k -> bound at j = 1..r
-    lower: dict[int, np.ndarray] = field(default_factory=dict)
+    measure: str  # "bound" or "paper": which figure `best` compares with ε
+    upper: dict[int, np.ndarray] = field(default_factory=dict)  # k -> upper bound at j = 1..r
+    lower: dict[int, np.ndarray] = field(default_factory=dict)  # k -> the paper's figure at j = 1..r
     per_rank: dict[int, Cost] = field(default_factory=dict)     # k -> cost(j) = fixed + j * per_rank
     fixed: dict[int, Cost] = field(default_factory=dict)
 
+    def errors(self, chunks: int) -> np.ndarray:
+        return (self.upper if self.measure == "bound" else self.lower)[chunks]
+
     def choice(self, chunks: int, rank: int) -> Choice:
         step, base = self.per_rank[chunks], self.fixed[chunks]
-        return Choice(chunks, rank, float(self.upper[chunks][rank - 1]), float(self.lower[chunks][rank - 1]),
+        return Choice(chunks, rank, float(self.errors(chunks)[rank - 1]), float(self.upper[chunks][rank - 1]),
+                      float(self.lower[chunks][rank - 1]),
                       Cost(base.params + rank * step.params, base.flops + rank * step.flops))
 
     def best(self, epsilon: float, kind: str, force: bool = False) -> Choice | None:
-        """The cheapest (k, j) with bound <= ε (ties: the smaller bound); None if the layer pays more."""
+        """The cheapest (k, j) with error <= ε (ties: the smaller error); None if the layer pays more."""
         best = None
         for k in self.chunks:
-            within = np.flatnonzero(self.upper[k] <= epsilon)
+            within = np.flatnonzero(self.errors(k) <= epsilon)
             if not within.size:
                 continue
-            option = self.choice(k, int(within[0]) + 1)  # bounds fall with j: the first is the cheapest
-            if best is None or (_amount(option.cost, kind), option.bound) < (_amount(best.cost, kind), best.bound):
+            option = self.choice(k, int(within[0]) + 1)  # errors fall with j: the first is the cheapest
+            if best is None or (_amount(option.cost, kind), option.error) < (_amount(best.cost, kind), best.error):
                 best = option
         if best is None or not force and _amount(best.cost, kind) >= _amount(self.original, kind):
             return None
         return best
 
 
-def layer_table(name: str, spec: Conv | Linear, in_shape: Sequence[int], chunks: Sequence[int]) -> LayerTable:
+def layer_table(name: str, spec: Conv | Linear, in_shape: Sequence[int], chunks: Sequence[int],
+                measure: str = "bound") -> LayerTable:
     """Spectra of every chunking in `chunks` (valid for `spec`) and the costs of its factor chains."""
     matrix = alds_math.fold(spec)
     spectra = {k: alds_math.chunk_spectra(matrix, k) for k in chunks}
     norm = float(spectra[1][0, 0]) if 1 in spectra else alds_math.spectral_norm(matrix)
-    table = LayerTable(name, cost(spec, in_shape), list(chunks))
+    table = LayerTable(name, cost(spec, in_shape), norm, list(chunks), measure)
     for k in chunks:
         table.upper[k], table.lower[k] = alds_math.error_bounds(spectra[k], norm)
         one = chain_cost(alds_math.alds_layout(spec, k, 1), in_shape)
@@ -78,15 +90,15 @@ def layer_table(name: str, spec: Conv | Linear, in_shape: Sequence[int], chunks:
 
 @dataclass
 class Allocation:
-    epsilon: float                           # the shared bound the layers were chosen under
+    epsilon: float                           # the shared error the layers were chosen under
     choices: dict[str, Choice | None]        # None: the layer stays unfactored
     fraction: float                          # cost after / cost before, over these layers, in `kind`
     kind: str
 
     @property
-    def max_bound(self) -> float:
-        """The largest bound among the chosen layers (= epsilon after `allocate`)."""
-        return max((c.bound for c in self.choices.values() if c), default=0.0)
+    def max_error(self) -> float:
+        """The largest error figure among the chosen layers (= epsilon after `allocate`)."""
+        return max((c.error for c in self.choices.values() if c), default=0.0)
 
 
 def at_epsilon(tables: Sequence[LayerTable], epsilon: float, kind: str, force: bool = False) -> Allocation:
@@ -102,7 +114,7 @@ def allocate(tables: Sequence[LayerTable], budget: Budget) -> Allocation:
     Raises BudgetError (a PipelineError) with the smallest reachable fraction when even the
     largest ε (every layer at its cheapest choice) misses the budget.
     """
-    thresholds = np.unique(np.concatenate([[0.0]] + [b for t in tables for b in t.upper.values()]))
+    thresholds = np.unique(np.concatenate([[0.0]] + [t.errors(k) for t in tables for k in t.chunks]))
     loosest = at_epsilon(tables, float(thresholds[-1]), budget.kind)
     if loosest.fraction > budget.fraction:
         raise BudgetError(f"budget {budget.kind}:{budget.fraction:g} cannot be met: the smallest reachable "
@@ -116,7 +128,7 @@ def allocate(tables: Sequence[LayerTable], budget: Budget) -> Allocation:
             high = middle
         else:
             low = middle + 1
-    # the step to thresholds[high] made some layer cheaper, so a chosen bound equals it: ε = max_bound
+    # the step to thresholds[high] made some layer cheaper, so a chosen error equals it: ε = max_error
     return at_epsilon(tables, float(thresholds[high]), budget.kind)
 
 

@@ -87,7 +87,7 @@ def test_full_rank_is_exact(front, chunks, tmp_path):
     error = _rel(_outputs(graph, probe), _outputs(result, probe))
     assert error < 1e-5, f"full rank on {front}: relative output error {error}"
     for record in records:
-        assert record.details["bound"] == 0 and record.details["spectral_error"] < 1e-6
+        assert record.details["upper_bound"] == 0 and record.details["spectral_error"] < 1e-6
         assert record.error_random < 1e-5
     if chunks:
         convs = [r for r in records if r.details["chunks"] != 1]
@@ -108,12 +108,13 @@ def test_budget_is_met_by_the_smallest_epsilon_within_every_bound(front, kind, t
     replaced = alds.changed
     assert len(replaced) >= 3
     # ε is the largest per-layer bound, and every layer's real spectral error lies within its bound
-    assert alds.summary["epsilon"] == max(r.details["bound"] for r in replaced)
+    assert alds.summary["epsilon"] == max(r.details["upper_bound"] for r in replaced)
     for spec, (first, second), record in _pairs(graph, result, alds.records):
         matrix = spec.weight.astype(np.float64).reshape(spec.weight.shape[0], -1)
         measured = _spectral(matrix - _dense_pair(first, second)) / _spectral(matrix)
         assert record.details["spectral_error"] == pytest.approx(measured, rel=1e-6, abs=1e-9)
-        assert record.details["paper_bound"] - 1e-6 <= measured <= record.details["bound"] + 1e-6
+        assert record.details["error_allocated"] == record.details["upper_bound"] <= alds.summary["epsilon"]
+        assert record.details["paper_error"] - 1e-6 <= measured <= record.details["upper_bound"] + 1e-6
         assert record.error_random is not None and record.error_calibration is not None
         assert (record.params_before, record.params_after) == (spec.weight.size + (0 if spec.bias is None else spec.bias.size),
                                                               first.weight.size + second.weight.size
@@ -121,6 +122,23 @@ def test_budget_is_met_by_the_smallest_epsilon_within_every_bound(front, kind, t
     # the smallest: a slightly smaller shared ε misses the budget
     tighter, _ = tf.compress(graph, f"alds(epsilon={alds.summary['epsilon'] * (1 - 1e-9)!r})")
     assert getattr(tighter.layer_cost(), kind) / getattr(before, kind) > 0.4
+
+
+def test_papers_figure_allocates_but_bounds_nothing(tmp_path):
+    """error=paper: torchprune's allocation on max_i s_j+1(W_i)/||W||_2; each layer's real error is at
+    least that figure and, with k > 1 chunks, above the shared ε, which the report must not hide."""
+    graph = _graph("fx", _cnn(), SHAPE, tmp_path)
+    result, report = tf.compress(graph, "alds(budget=params:0.4, error=paper)")
+    alds = report.passes[0]
+    assert result.layer_cost().params / graph.layer_cost().params <= 0.4
+    assert alds.summary["epsilon"] == max(r.details["paper_error"] for r in alds.changed)
+    assert "lower bound" in alds.summary["error_measure"]
+    chunked = [r for r in alds.changed if r.details["chunks"] > 1]
+    assert chunked, "the paper's figure favours chunks on random weights"
+    for record in alds.changed:
+        assert record.details["error_allocated"] == record.details["paper_error"]
+        assert record.details["paper_error"] - 1e-6 <= record.details["spectral_error"] <= record.details["upper_bound"] + 1e-6
+    assert max(r.details["spectral_error"] for r in chunked) > alds.summary["epsilon"]
 
 
 def test_tighter_budget_gives_larger_epsilon(tmp_path):
@@ -175,6 +193,7 @@ def test_planted_chunks_are_found_and_beat_one_svd(tmp_path):
     ("alds(budget=params:0.5, force=true)", r"force=true applies with epsilon= only"),
     ("alds(budget=params:0.5, chunks=-2)", r"chunks=-2"),
     ("alds(epsilon=-1)", r"epsilon=-1"),
+    ("alds(epsilon=0.5, error=frobenius)", r"alds: error='frobenius': use bound or paper"),
 ])
 def test_bad_options_are_errors_naming_the_pass(pipeline, message, tmp_path):
     graph = _graph("fx", _cnn(), SHAPE, tmp_path)
