@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -23,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from .errors import CaptureError, ExportError, InputShapeError
 from .graph import GRAPH_OUTPUT, Graph, Layer, TensorInfo
 from .specs import BatchNorm, Conv, ConvTranspose, Linear, Spec
-from .torch_modules import chain_module
+from .torch_modules import ChannelSelect, ParallelSumModule, chain_module
 
 aten = torch.ops.aten
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d)
@@ -33,6 +34,7 @@ _CONV_FUNCTIONS = {aten.conv1d.default, aten.conv2d.default, torch.nn.functional
                    torch.nn.functional.conv2d, torch.conv1d, torch.conv2d}
 _LINEAR_FUNCTIONS = {aten.linear.default, torch.nn.functional.linear}
 _BN_FUNCTIONS = {aten.batch_norm.default, torch.nn.functional.batch_norm}
+_ONNX_OP_NAMES = {"relu": "Relu"}  # torch spellings (nn.ReLU, F.relu, torch.relu_, aten.relu) -> ONNX's
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -198,6 +200,16 @@ class FxGraph(Graph):
         node = self._node(tensor)
         return [GRAPH_OUTPUT if user.op == "output" else user.name for user in node.users]
 
+    def consumer_ops(self, tensor: str) -> list[str]:
+        return [GRAPH_OUTPUT if user.op == "output" else self._op_name(user) for user in self._node(tensor).users]
+
+    def _op_name(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            name = type(self.gm.get_submodule(node.target)).__name__
+        else:
+            name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        return _ONNX_OP_NAMES.get(name.lower().rstrip("_"), name)
+
     def unknown_ops(self) -> list[tuple[str, str]]:
         return []  # every torch op runs as it is; fx has no op the adapter must understand
 
@@ -243,13 +255,9 @@ class FxGraph(Graph):
         module = chain_module(specs)
         self.gm.graph.owning_module = self.gm
         _set_submodule(self.gm, target, module)
-        inserted = []
+        inserted: list[fx.Node] = []
         with self.gm.graph.inserting_before(first):
-            new = first.args[0]
-            # one node per leaf module, so each new layer is listed by layers() for the next pass
-            for leaf in _leaf_targets(module, target):
-                new = self.gm.graph.call_module(leaf, args=(new,))
-                inserted.append(new)
+            new = self._insert(module, target, first.args[0], inserted)
         replaced_shape = self._shape(last)
         last.replace_all_uses_with(new)
         for node in reversed(nodes):
@@ -263,20 +271,50 @@ class FxGraph(Graph):
         if not self._propagate_inserted(inserted, replaced_shape):
             self._propagate_shapes()
 
+    def _insert(self, module: nn.Module, target: str, source: fx.Node, inserted: list[fx.Node]) -> fx.Node:
+        """One node per leaf module, so each new layer is listed by layers() for the next pass; a
+        ParallelSumModule becomes its branches' nodes (a ChannelSelect leaf where a branch gathers) and adds."""
+        if isinstance(module, nn.Sequential):
+            for name, child in module.named_children():
+                source = self._insert(child, f"{target}.{name}", source, inserted)
+            return source
+        if isinstance(module, ParallelSumModule):
+            total = None
+            for i, (select, branch) in enumerate(zip(module.selects, module.branches)):
+                value = source
+                if isinstance(select, ChannelSelect):
+                    value = self._insert(select, f"{target}.selects.{i}", value, inserted)
+                value = self._insert(branch, f"{target}.branches.{i}", value, inserted)
+                if total is not None:
+                    value = self.gm.graph.call_function(operator.add, args=(total, value))
+                    inserted.append(value)
+                total = value
+            return total
+        inserted.append(self.gm.graph.call_module(target, args=(source,)))
+        return inserted[-1]
+
     def _propagate_inserted(self, inserted: list[fx.Node], replaced_shape: tuple[int, ...]) -> bool:
         """Shapes of the inserted nodes only (a whole-graph run per replacement made folding quadratic).
 
         Every other shape stands if the chain's output keeps its shape; False if it does not.
         """
-        meta = inserted[0].args[0].meta.get("tensor_meta")
-        if meta is None or not replaced_shape:
+        values: dict[fx.Node, torch.Tensor] = {}
+        for node in inserted:
+            for arg in node.args:
+                if isinstance(arg, fx.Node) and arg not in values and arg not in inserted:
+                    meta = arg.meta.get("tensor_meta")
+                    if meta is None:
+                        return False
+                    values[arg] = torch.zeros(tuple(meta.shape), dtype=meta.dtype)
+        if not replaced_shape:
             return False
-        value = torch.zeros(tuple(meta.shape), dtype=meta.dtype)
         with torch.no_grad():
             for node in inserted:
-                value = self.gm.get_submodule(node.target)(value)
-                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-        return tuple(value.shape) == tuple(replaced_shape)
+                args = [values[a] if isinstance(a, fx.Node) else a for a in node.args]
+                fn = self.gm.get_submodule(node.target) if node.op == "call_module" else node.target
+                values[node] = fn(*args)
+                node.meta["tensor_meta"] = _extract_tensor_metadata(values[node])
+        return tuple(values[inserted[-1]].shape) == tuple(replaced_shape)
 
     def _free_name(self, base: str) -> str:
         base = base.replace(".", "_")
@@ -367,12 +405,6 @@ def _eval_mode(gm: fx.GraphModule) -> fx.GraphModule:
         return gm.eval()
     except NotImplementedError:  # a torch.export module refuses eval(); it was exported from an eval-mode copy
         return gm
-
-
-def _leaf_targets(module: nn.Module, target: str) -> list[str]:
-    if isinstance(module, nn.Sequential):
-        return [leaf for name, child in module.named_children() for leaf in _leaf_targets(child, f"{target}.{name}")]
-    return [target]
 
 
 def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:

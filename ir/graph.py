@@ -79,6 +79,11 @@ class Graph(abc.ABC):
         """Names of the nodes that read `tensor` (GRAPH_OUTPUT if it is a graph output)."""
 
     @abc.abstractmethod
+    def consumer_ops(self, tensor: str) -> list[str]:
+        """The op of every node that reads `tensor`, ONNX-spelled ("Relu", "Add", ...; a torch op by its
+        own name where ONNX has none), and GRAPH_OUTPUT if it is a graph output."""
+
+    @abc.abstractmethod
     def unknown_ops(self) -> list[tuple[str, str]]:
         """(node, op) pairs the adapter does not model; they are kept as they are."""
 

@@ -275,6 +275,10 @@ class OnnxGraph(Graph):
             users.append(GRAPH_OUTPUT)
         return users
 
+    def consumer_ops(self, tensor: str) -> list[str]:
+        ops = [n.op_type for n in self._users(tensor)]
+        return ops + [GRAPH_OUTPUT] if tensor in self.output_names else ops
+
     def unknown_ops(self) -> list[tuple[str, str]]:
         unknown = []
         for node in self.model.graph.node:

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .specs import BatchNorm, Conv, ConvTranspose, Linear, Spec, TTLinear
+from .specs import BatchNorm, Conv, ConvTranspose, Linear, ParallelSum, Spec, TTLinear
 from .torch_modules import tt_equations
 
 
@@ -51,6 +51,8 @@ def spec_nodes(spec: Spec, x: str, y: str, prefix: str, in_rank: int) -> tuple[l
         return [helper.make_node("BatchNormalization", inputs, [y], name=prefix, epsilon=spec.eps)], inits
     if isinstance(spec, TTLinear):
         return _tt_nodes(spec, x, y, prefix, const), inits
+    if isinstance(spec, ParallelSum):
+        return _parallel_nodes(spec, x, y, prefix, in_rank, const, inits)
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
@@ -77,3 +79,33 @@ def _tt_nodes(spec: TTLinear, x: str, y: str, prefix: str, const) -> list[onnx.N
     else:
         nodes.append(helper.make_node("Reshape", [last, lead], [y], name=f"{prefix}_reshape_out"))
     return nodes
+
+
+def _parallel_nodes(spec: ParallelSum, x: str, y: str, prefix: str, in_rank: int, const,
+                    inits: list) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Per branch: Gather(axis) of its channels (int64 initializer), its chain of nodes; then Adds.
+
+    Node names are `{prefix}_b{i}_f{j}`, so every conv inside is an ordinary layer for later passes.
+    """
+    nodes, outputs = [], []
+    axis = spec.axis % in_rank
+    for i, (channels, branch) in enumerate(zip(spec.channels, spec.biased_branches())):
+        source = x
+        if channels is not None:
+            source = f"{prefix}_b{i}_in"
+            nodes.append(helper.make_node("Gather", [x, const(f"b{i}.channels", np.asarray(channels, np.int64))],
+                                          [source], name=f"{prefix}_b{i}_gather", axis=axis))
+        for j, layer in enumerate(branch):
+            last = j == len(branch) - 1
+            out = (y if len(spec.branches) == 1 else f"{prefix}_b{i}_out") if last else f"{prefix}_b{i}_f{j}_y"
+            made_nodes, made_inits = spec_nodes(layer, source, out, f"{prefix}_b{i}_f{j}", in_rank)
+            nodes += made_nodes
+            inits += made_inits
+            source = out
+        outputs.append(source)
+    total = outputs[0]
+    for k, other in enumerate(outputs[1:], start=1):
+        out = y if k == len(outputs) - 1 else f"{prefix}_sum{k}"
+        nodes.append(helper.make_node("Add", [total, other], [out], name=f"{prefix}_add{k}"))
+        total = out
+    return nodes, inits

@@ -10,7 +10,7 @@ FLOPs count a multiply-add as 2 operations (bias additions are ignored).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence, Union
 
 import numpy as np
@@ -173,7 +173,45 @@ class TTLinear:
         return (*in_shape[:-1], self.out_features)
 
 
-Spec = Union[Conv, ConvTranspose, Linear, BatchNorm, TTLinear]
+@dataclass
+class ParallelSum:
+    """Branches read the same input and their outputs are summed, plus one bias (algorithms.md §9).
+
+    channels[i]: the input channel indices branch i reads (a gather along `axis`), None = all.
+    `axis` is 1 for convs (NC...) and -1 for linears (features last). Every branch must end in a
+    Conv or Linear: adapters put the bias on the first branch's last layer (exact: it is added
+    after that layer), so no extra Add of a constant appears in the graph.
+    """
+
+    branches: list[list["Spec"]]
+    channels: list[np.ndarray | None]
+    bias: np.ndarray | None = None
+    axis: int = 1
+
+    kind = "parallel_sum"
+
+    def branch_in_shape(self, i: int, in_shape: Sequence[int]) -> tuple[int, ...]:
+        shape = list(in_shape)
+        if self.channels[i] is not None:
+            shape[self.axis] = len(self.channels[i])
+        return tuple(shape)
+
+    def out_shape(self, in_shape: Sequence[int]) -> tuple[int, ...]:
+        return chain_out_shape(self.branches[0], self.branch_in_shape(0, in_shape))
+
+    def biased_branches(self) -> list[list["Spec"]]:
+        """The branches with `bias` added to the first branch's last layer (how adapters emit it)."""
+        if self.bias is None:
+            return [list(b) for b in self.branches]
+        last = self.branches[0][-1]
+        if not isinstance(last, (Conv, Linear)):
+            raise TypeError(f"ParallelSum: the first branch must end in a Conv or Linear, not {type(last).__name__}")
+        bias = self.bias if last.bias is None else last.bias + self.bias
+        return [self.branches[0][:-1] + [replace(last, bias=np.asarray(bias, np.float32))]] + \
+            [list(b) for b in self.branches[1:]]
+
+
+Spec = Union[Conv, ConvTranspose, Linear, BatchNorm, TTLinear, ParallelSum]
 
 
 @dataclass
@@ -219,6 +257,11 @@ def cost(spec: Spec, in_shape: Sequence[int]) -> Cost:
     if isinstance(spec, TTLinear):
         rows = math.prod(in_shape[:-1])
         return Cost(_count(*spec.cores, spec.bias), tt_contraction_flops(spec, rows))
+    if isinstance(spec, ParallelSum):  # a gather moves data and adds no FLOPs; the sum's adds are ignored like biases
+        total = Cost(_count(spec.bias), 0)
+        for i, branch in enumerate(spec.branches):
+            total = total + chain_cost(branch, spec.branch_in_shape(i, in_shape))
+        return total
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
@@ -243,6 +286,10 @@ def arrays_of(spec: Spec) -> dict[str, np.ndarray]:
         return {"mean": spec.mean, "var": spec.var, "gamma": spec.gamma, "beta": spec.beta}
     if isinstance(spec, TTLinear):
         named = {f"core{i}": c for i, c in enumerate(spec.cores)}
+    elif isinstance(spec, ParallelSum):
+        named = {f"branch{i}.{j}.{name}": array for i, branch in enumerate(spec.branches)
+                 for j, layer in enumerate(branch) for name, array in arrays_of(layer).items()}
+        named.update({f"channels{i}": c for i, c in enumerate(spec.channels) if c is not None})
     else:
         named = {"weight": spec.weight}
     if spec.bias is not None:

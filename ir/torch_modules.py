@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .specs import BatchNorm, Conv, ConvTranspose, Linear, Spec, TTLinear, symmetric_padding
+from .specs import BatchNorm, Conv, ConvTranspose, Linear, ParallelSum, Spec, TTLinear, symmetric_padding
 
 
 def _param(array: np.ndarray) -> nn.Parameter:
@@ -51,6 +51,38 @@ class BatchNormModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, training=False, eps=self.eps)
+
+
+class ChannelSelect(nn.Module):
+    """x.index_select(axis, index): the channels a branch reads (ONNX: Gather), so the rest cost nothing."""
+
+    def __init__(self, index: np.ndarray, axis: int):
+        super().__init__()
+        self.axis = int(axis)
+        self.register_buffer("index", torch.from_numpy(np.asarray(index, dtype=np.int64).copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(self.axis, self.index)
+
+
+class ParallelSumModule(nn.Module):
+    """Branches over (a gather of) one input, summed; the bias sits in the first branch's last layer.
+
+    The FX adapter does not call this module's forward: it inserts one node per leaf of every
+    branch (so the convs inside stay layers) and the adds; `forward` serves `run_specs`.
+    """
+
+    def __init__(self, spec: ParallelSum):
+        super().__init__()
+        self.selects = nn.ModuleList(nn.Identity() if c is None else ChannelSelect(c, spec.axis) for c in spec.channels)
+        self.branches = nn.ModuleList(chain_module(b) for b in spec.biased_branches())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for select, branch in zip(self.selects, self.branches):
+            y = branch(select(x))
+            total = y if total is None else total + y
+        return total
 
 
 def tt_equations(d: int) -> list[str]:
@@ -115,6 +147,8 @@ def to_module(spec: Spec) -> nn.Module:
         return BatchNormModule(spec)
     if isinstance(spec, TTLinear):
         return TTLinearModule(spec)
+    if isinstance(spec, ParallelSum):
+        return ParallelSumModule(spec)
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
