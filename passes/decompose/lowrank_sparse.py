@@ -178,22 +178,45 @@ def lowrank_sparse(weight: np.ndarray, bias: np.ndarray | None, group: int, data
     curvature = 2.0 * float(np.mean(metric.values)) / loss.norm
     t = penalty * curvature
 
-    sparse, first, second = _split_in_weight_space(w, group, keep, rank)
-    start_sparse, low = sparse, second @ first
+    start_sparse, first, second = _split_in_weight_space(w, group, keep, rank)
+    sparse, low, residual, used = _admm(w, start_sparse, second @ first, group, keep, rank, loss, metric, t,
+                                        (lambda1, lambda2), iters, steps)
+    initial_kept = keep_groups(start_sparse, group, keep)
+    kept, channels_from = keep_groups(sparse, group, keep), "admm" if iters else "weight-space split"
+    first, second = truncate(low, rank) if rank else (np.zeros((0, width)), np.zeros((t_out, 0)))
+    sparse = _enforce(sparse, kept, group)
+    if refit:
+        original_bias = b
+        sparse, first, second, b, value = _refit(w, b, loss, metric, kept, group, rank, relu, sparse)
+        if not np.array_equal(kept, initial_kept):  # the weight-space split's channels, if they fit better
+            other = _refit(w, original_bias, loss, metric, initial_kept, group, rank, relu,
+                           _enforce(start_sparse, initial_kept, group))
+            if other[-1] < value:
+                (sparse, first, second, b, value), kept, channels_from = other, initial_kept, "weight-space split"
+    root = np.sqrt(scale)
+    return LowRankSparse(sparse * scale, kept, first * root, second * root,
+                         None if bias is None and not (relu and refit) else b * scale,
+                         residual, used, t, channels_from)
+
+
+def _admm(w: np.ndarray, sparse: np.ndarray, low: np.ndarray, group: int, keep: int, rank: int, loss: _Loss,
+          metric: _Metric, t: float, lambdas: tuple[float, float], iters: int, steps: int
+          ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """(A, B, ||A + B - M||, the last lambdas) after `iters` ADMM iterations from (A, B), M = W, Lambda = 0."""
     dense, dual = w.copy(), np.zeros_like(w)
     used = (0.0, 0.0)
     for _ in range(iters):
         # thresholds set where the prox meets the targets: the (keep+1)-th group norm, the (L+1)-th singular value
         argument = dense - low - dual / t
-        threshold1 = lambda1 * _removed_group_norm(argument, group, keep)
+        threshold1 = lambdas[0] * _removed_group_norm(argument, group, keep)
         sparse = group_shrink(argument, group, threshold1)
         argument = dense - sparse - dual / t
         values = np.linalg.svd(argument, compute_uv=False)
-        threshold2 = lambda2 * (float(values[rank]) if rank < len(values) else 0.0)
+        threshold2 = lambdas[1] * (float(values[rank]) if rank < len(values) else 0.0)
         low = singular_shrink(argument, threshold2)
         used = (threshold1 * t, threshold2 * t)
         target = sparse + low + dual / t
-        if not relu:
+        if not loss.relu:  # argmin f(M) + t/2 ||M - target||^2 in closed form
             dense = metric.solve(2.0 * (w @ metric.sigma) / loss.norm + t * target, 2.0 / loss.norm, t)
         else:
             for _ in range(steps):
@@ -201,22 +224,7 @@ def lowrank_sparse(weight: np.ndarray, bias: np.ndarray | None, group: int, data
                 dense = dense - metric.solve(grad + t * (dense - target), 2.0 / loss.norm, t)
         dual = dual + t * (sparse + low - dense)
     residual = float(np.linalg.norm(sparse + low - dense)) if iters else 0.0
-
-    initial_kept = keep_groups(start_sparse, group, keep)
-    kept, channels_from = keep_groups(sparse, group, keep), "admm"
-    first, second = truncate(low, rank) if rank else (np.zeros((0, width)), np.zeros((t_out, 0)))
-    sparse = _enforce(sparse, kept, group)
-    if refit:
-        original_bias = b
-        sparse, first, second, b, value = _refit(w, b, loss, metric, kept, group, rank, relu, sparse)
-        if not np.array_equal(kept, initial_kept):  # the weight-space split's channels, if they fit better
-            other = _refit(w, original_bias, loss, metric, initial_kept, group, rank, relu, _enforce(start_sparse, initial_kept, group))
-            if other[-1] < value:
-                (sparse, first, second, b, value), kept, channels_from = other, initial_kept, "weight-space split"
-    root = np.sqrt(scale)
-    return LowRankSparse(sparse * scale, kept, first * root, second * root,
-                         None if bias is None and not (relu and refit) else b * scale,
-                         residual, used, t, channels_from)
+    return sparse, low, residual, used
 
 
 def _enforce(sparse: np.ndarray, kept: np.ndarray, group: int) -> np.ndarray:

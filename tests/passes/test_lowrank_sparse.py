@@ -165,7 +165,8 @@ def test_graph_equals_the_dense_conv_of_a_plus_b_and_drops_channels(front, tmp_p
     model = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), nn.ReLU())
     _plant(model[0], SUPPORT1, 2, seed=7)
     graph = _graph(front, model.eval(), (1, 8, 11, 11), tmp_path)
-    result, report = tf.compress(graph, "lowrank_sparse(sparsity=0.5, rank=3)", calibration=_calibration((4, 8, 11, 11)))
+    result, report = tf.compress(graph, "lowrank_sparse(sparsity=0.5, rank=3)",
+                                 calibration=_calibration((4, 8, 11, 11)))
     (record,) = _replaced(report)
     index, sparse, first, second = _branch_layers(result)
     assert list(index) == SUPPORT1  # the planted channels, found from data
@@ -210,7 +211,8 @@ def test_linear_layer_gathers_features_and_equals_its_dense_math(front, tmp_path
 @pytest.mark.parametrize("front", ["fx", "onnx"])
 def test_every_channel_at_full_rank_is_exact(front, tmp_path):
     graph = _graph(front, _two_convs(), SHAPE, tmp_path)
-    result, report = tf.compress(graph, "lowrank_sparse(sparsity=0, rank=10000, force=true)", calibration=_calibration())
+    result, report = tf.compress(graph, "lowrank_sparse(sparsity=0, rank=10000, force=true)",
+                                 calibration=_calibration())
     assert len(_replaced(report)) == 2 and all("clamped" in r.details["note"] for r in _replaced(report))
     probe = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     assert _relative(_output(graph, probe), _output(result, probe)) < 1e-5
