@@ -22,15 +22,20 @@ from typing import Sequence
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
+from ._common import gram_svd
+
 CG_ITERATIONS = 30  # per factor update; CG starts from the current factor, so each update only improves it
+SWEEP_TOL = 1e-3    # stop when a sweep lowers the Sigma-error by less than this fraction (measured: the first
+                    # closed-form step gives nearly all of the gain, later sweeps ~0.1-1 % each)
 
 
 def sigma_error(weight: np.ndarray, approx: np.ndarray, sigma: np.ndarray) -> float:
     """Relative Sigma-weighted error sqrt(tr(D Sigma D^T) / tr(W Sigma W^T)), D = W - W~ (unfolded)."""
     weight = weight.reshape(weight.shape[0], -1)
     diff = weight - approx.reshape(weight.shape)
-    den = float(np.einsum("ij,jk,ik->", weight, sigma, weight))
-    num = float(np.einsum("ij,jk,ik->", diff, sigma, diff))
+    # (W Sigma) * W summed: one GEMM (a three-operand einsum without a path loops in C, 10x slower)
+    den = float(np.sum((weight @ sigma) * weight))
+    num = float(np.sum((diff @ sigma) * diff))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
 
 
@@ -68,8 +73,8 @@ def _tucker_closed_form(kernel: np.ndarray, sigma: np.ndarray, u_in: np.ndarray,
     k_sigma_p = np.einsum("tsj,sr->trj", k_sigma.reshape(out, s, taps), u_in).reshape(out, -1)
     chol = np.linalg.cholesky(proj + 1e-12 * np.trace(proj) / len(proj) * np.eye(len(proj)))
     m0 = np.linalg.solve(chol.T, np.linalg.solve(chol, k_sigma_p.T)).T        # K Sigma P Sigma_z^-1
-    left, _, _ = np.linalg.svd(m0 @ chol, full_matrices=False)
-    u_out = left[:, :rank_out]
+    u_out = gram_svd(m0 @ chol, rank_out)[0]  # only the leading left vectors: eigh of the T x T Gram
+
     return u_out, u_out.T @ m0
 
 
@@ -129,7 +134,7 @@ def tucker2_sigma_factors(kernel: np.ndarray, ranks: tuple[int, int], sigma: np.
         improved = best - value
         core, u_out, u_in, best = core_new, u_out_new, u_in_new, value
         log.append(best)
-        if sweep and improved <= 1e-6 * max(best, 1e-12):
+        if sweep and improved <= SWEEP_TOL * max(best, 1e-12):
             break
     return core.reshape(ranks[0], ranks[1], *spatial), u_out, u_in
 
@@ -201,7 +206,7 @@ def cp_sigma_factors(tensor: np.ndarray, sigma: np.ndarray, start: tuple[np.ndar
         improved = best - value
         factors, best = _balanced(trial), value
         log.append(best)
-        if improved <= 1e-6 * max(best, 1e-12):
+        if improved <= SWEEP_TOL * max(best, 1e-12):
             break
     return np.ones(factors[0].shape[1]), factors
 
