@@ -209,7 +209,7 @@ def _iterative(n_iter_max: int, tol: float) -> dict[str, Option]:
 
 
 _DATA = {
-    "data": Option(bool, False, "minimise the error on calibration data (Sigma-norm, docs/methods.md), not on the "
+    "data": Option(bool, False, "minimise the error on calibration data (the Sigma-norm of Kalle et al.), not on the "
                    "weights; needs calibration data"),
     "damping": Option(float, 1e-4, "with data=true: Sigma + damping * mean(diag Sigma) * I"),
 }

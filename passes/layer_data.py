@@ -3,7 +3,7 @@
 A layer's input is recorded through the graph view (both front ends), cut into the rows the
 layer multiplies by its weight (a conv's im2col patches with the layer's own stride, padding
 and dilation; a Linear's last axis), and accumulated batch by batch into the uncentred second
-moment Sigma = E[x x^T] in float64 (docs: Kalle et al.'s Sigma-norm). The patches of one batch
+moment Sigma = E[x x^T] in float64 (Kalle, Rudkiewicz et al.'s Sigma-norm). The patches of one batch
 are processed in slices, so memory stays bounded for S*k^2 up to 4608 (Sigma itself is then
 170 MB).
 """
