@@ -48,11 +48,20 @@ def variants(rate: float) -> list[tuple[str, str]]:
 
 
 def cpu_name() -> str:
+    """Model name, family / model numbers and TVM's mcpu: "AMD EPYC" alone hides Zen 4 vs Zen 5."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         return platform.processor() or platform.machine()
+    from tensorfold.targets import get_target
+
+    mcpu = get_target("x86").tvm_target.get("mcpu", "?")
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
+            f"TVM mcpu {mcpu})")
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,
@@ -81,6 +90,10 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
                 print(f"  {name} {level} {label}: {e}", file=sys.stderr)
                 continue
             seconds = time.perf_counter() - started
+            if not report.passes[-1].changed:  # e.g. tucker2 on an MLP: no layer it applies to
+                rows.append({"task": name, "level": level, "variant": label, "pipeline": pipeline,
+                             "error": "no layer this method applies to"})
+                continue
             row = {"task": name, "level": level, "variant": label, "pipeline": pipeline, task.metric: score(compressed),
                    "flops_x": base_flops / max(compressed.layer_cost().flops, 1),
                    "params_x": base_params / max(compressed.total_params(), 1), "seconds": round(seconds, 2),
