@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import difflib
 
-from tensorfold.ir.errors import TensorfoldError
-
 from . import digits, mnist1d, resnet_digits
-from .task import Task
+from .task import Task, TaskError
 
 _TASKS: dict[str, Task] = {t.name: t for t in (digits.TASK, mnist1d.MLP_TASK, mnist1d.CNN_TASK, resnet_digits.TASK)}
-
-
-class TaskError(TensorfoldError):
-    """No task has this name."""
 
 
 def task_names() -> list[str]:

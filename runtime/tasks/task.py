@@ -4,14 +4,21 @@ from __future__ import annotations
 import platform
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from tensorfold.ir.errors import TensorfoldError
+
 from . import cache, training
 from .evaluators import Evaluator, top1
+
+
+class TaskError(TensorfoldError):
+    """No task has this name, or its cached model cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -37,33 +44,37 @@ class Task:
     metric: str = "top1"              # the evaluator's headline key
     metric_name: str = "accuracy"     # how reports call it
     weights_stem: str = ""            # cache file name stem (default: the task name)
-    _splits: dict = field(default_factory=dict, repr=False, compare=False)
+    _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- data ------------------------------------------------------------------------------
     def split(self) -> Split:
         """The data, generated once per process; callers get copies, so nobody alters the shared arrays."""
-        if "split" not in self._splits:
-            self._splits["split"] = self.make_split()
-        s = self._splits["split"]
+        s = self._shared_split()
         return Split(s.train_x.copy(), s.train_y.copy(), s.test_x.copy(), s.test_y.copy())
 
+    def _shared_split(self) -> Split:
+        if "split" not in self._splits:
+            self._splits["split"] = self.make_split()
+        return self._splits["split"]
+
     def train_data(self) -> tuple[np.ndarray, np.ndarray]:
-        s = self.split()
-        return s.train_x, s.train_y
+        s = self._shared_split()
+        return s.train_x.copy(), s.train_y.copy()
 
     def test_data(self) -> tuple[np.ndarray, np.ndarray]:
-        s = self.split()
-        return s.test_x, s.test_y
+        s = self._shared_split()
+        return s.test_x.copy(), s.test_y.copy()
 
     def calibration_data(self) -> np.ndarray:
-        return self.split().train_x[:self.calibration_count]
+        return self._shared_split().train_x[:self.calibration_count].copy()
 
     def sizes(self) -> tuple[int, int]:
-        s = self._splits.get("split") or self.split()
+        """(train samples, test samples)."""
+        s = self._shared_split()
         return len(s.train_y), len(s.test_y)
 
     # ---- the trained model -------------------------------------------------------------------
-    def weights_path(self):
+    def weights_path(self) -> Path:
         return cache.weights_path(self.weights_stem or self.name, self.recipe)
 
     def model(self, verbose: bool = True) -> nn.Module:
@@ -71,7 +82,11 @@ class Task:
         path = self.weights_path()
         if path.exists():
             net = self.factory()
-            net.load_state_dict(torch.load(path, weights_only=True))
+            try:
+                net.load_state_dict(torch.load(path, weights_only=True))
+            except (RuntimeError, OSError, ValueError) as e:
+                raise TaskError(f"{path}: cached weights of task {self.name!r} do not load into its model ({e}); "
+                                "delete the file to retrain") from e
             net.eval()
             if cache.read_json(cache.baseline_path(path)) is None:  # weights cached before baselines were recorded
                 self._record_baseline(net, seconds=None)
