@@ -54,7 +54,7 @@ def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list
 
 
 def _from_path(path: str, graph: Graph) -> np.ndarray:
-    if is_task(path) and not os.path.exists(path):
+    if is_task(path):  # before paths, as `digits` always was
         return get_task(path).calibration_data()
     if os.path.isdir(path):
         return image_folder(path, graph.inputs[0].shape)[0]

@@ -24,7 +24,7 @@ def load_data(data: Any, input_shape: Sequence[int], limit: int | None = None) -
     """(images, labels, description). `data`: a task name (its test set), an ImageFolder directory, or (images, labels)."""
     if isinstance(data, tuple) and len(data) == 2:
         images, labels, what = np.asarray(data[0], np.float32), np.asarray(data[1], np.int64), "given arrays"
-    elif is_task(data) and not os.path.isdir(data):
+    elif is_task(data):  # before folders: `digits` always meant the bundled set (a folder of that name: ./digits)
         images, labels = get_task(data).test_data()
         what = f"{data} test set"
     elif isinstance(data, (str, os.PathLike)) and os.path.isdir(data):

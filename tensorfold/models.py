@@ -44,7 +44,7 @@ def task_name(model: object) -> str | None:
 
 
 def resolve(model: str, input_shape: Sequence[int] | None = None, weights: str | None = None) -> Graph:
-    if is_task(model) and not os.path.exists(model):
+    if is_task(model):  # a task name wins over a file of that name (as `digits` always did): write ./name
         return _task_graph(model, input_shape, weights)
     if model.lower().endswith(".onnx") or os.path.isfile(model):
         if weights:

@@ -153,6 +153,16 @@ def test_cache_key_changes_with_the_recipe(trained, monkeypatch):
         changed.model(verbose=False)  # another recipe: the cached weights of the first are not reused
 
 
+def test_cached_weights_of_another_model_are_refused_with_the_file_named():
+    task = get_task("mnist1d-mlp")
+    stale = dataclasses.replace(task, recipe={**task.recipe, "version": -1})
+    stale.weights_path().parent.mkdir(parents=True, exist_ok=True)
+    torch.save(get_task("mnist1d-cnn").factory().state_dict(), stale.weights_path())
+    with pytest.raises(TaskError, match="delete the file to retrain") as error:
+        stale.model(verbose=False)
+    assert str(stale.weights_path()) in str(error.value)
+
+
 def test_compress_a_task_prints_accuracy_before_and_after(trained, tmp_path, capsys):
     out, report_path = tmp_path / "x.onnx", tmp_path / "report.json"
     assert main(["compress", "mnist1d-cnn", "-p", "fold_bn", "-o", str(out), "--report", str(report_path), "-q"]) == 0
