@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Split, Task
+from .task import Split, Task, TaskError
 
 LENGTH = 40
 RECIPE = {"version": 1, "seed": 0, "epochs": 150, "lr": 1e-2, "batch": 100}
@@ -49,7 +49,11 @@ class ConvBase(nn.Module):
 
 def signals() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y): float32 (N, 40) signals, int64 labels; 4000 / 1000."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:
+        raise TaskError(f"the MNIST-1D tasks need the mnist1d package (a tensorfold dependency): "
+                        f"pip install 'mnist1d>=0.0.2' ({e})") from e
 
     # make_dataset seeds numpy's and Python's global generators: leave the caller's as they were
     numpy_state, python_state = np.random.get_state(), random.getstate()
