@@ -110,10 +110,10 @@ def run(graph: Graph, passes: PipelineSpec, calibration: Feeds | None = None,
         pass_report.params_before, pass_report.params_after = current.total_params(), result.total_params()
         pass_report.flops_before, pass_report.flops_after = current.layer_cost().flops, result.layer_cost().flops
         pass_report.output_error_random = output_error(current, result, inputs.random)
-        pass_report.output_error_calibration = output_error(current, result, inputs.calibration)
+        pass_report.output_error_calibration = output_error(current, result, inputs.calibration_for_errors)
         report.passes.append(pass_report)
         current = result
     report.params_after, report.flops_after = current.total_params(), current.layer_cost().flops
     report.output_error_random = output_error(original, current, inputs.random)
-    report.output_error_calibration = output_error(original, current, inputs.calibration)
+    report.output_error_calibration = output_error(original, current, inputs.calibration_for_errors)
     return current, report

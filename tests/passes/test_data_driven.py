@@ -261,3 +261,14 @@ def test_cli_data_driven_on_a_trained_task_beats_the_weight_only_pass(tmp_path, 
     # measured: 0.68 (weights) vs 0.99 (data) of 0.997; the margin leaves room for other machines
     assert accuracies["data"] > accuracies["weights"] + 0.1
     assert accuracies["data"] > before - 0.05
+
+
+def test_errors_use_the_first_128_samples_while_data_passes_fit_on_all(net, calibration):
+    from tensorfold.passes.measure import ErrorInputs
+
+    graph = _fx(net)
+    feeds = [{graph.inputs[0].name: c} for c in calibration]  # 5 batches of 32
+    assert len(ErrorInputs.for_graph(graph, feeds).calibration_for_errors) == 4
+    _, report = tf.compress(graph, "svd(rank=6, data=true, include=c4)", calibration=calibration)
+    # c4 is a 1x1 conv on an 8x8 map: 64 patch rows per image, 4 of the 5 batches fit (one held out)
+    assert _replaced(report, "c4").details["calibration_rows"] == 4 * 32 * 64
