@@ -84,7 +84,10 @@ def _build(args: argparse.Namespace) -> int:
     target = placed(get_target(args.target), args.rpc_tracker, args.rpc_key)  # a bad name fails before loading
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     if args.passes:
+        original = graph
         graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
+        if _first_task(args):  # the task's evaluator on its test set, before and after the passes
+            _add_task_scores(report, _first_task(args), original, graph)
         print(report.table())
     artifact = tf.build(graph, target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
                         progress=not args.quiet, tune_further=args.tune_further)

@@ -127,3 +127,12 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "tensorfold.cli", "passes"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "fold_bn" in result.stdout
+
+
+def test_build_of_a_task_prints_its_accuracy_before_and_after_the_passes(tmp_path, capsys):
+    code = main(["build", "mnist1d-mlp", "-t", "x86", "-p", "svd(rank=8, data=true)", "-o", str(tmp_path / "art"), "-q"])
+    assert code == 0
+    out = capsys.readouterr().out
+    before = float(out.split("test accuracy before:")[1].split()[0])
+    after = float(out.split("test accuracy after:")[1].split()[0])
+    assert before > 0.55 and 0 < after < before  # rank 8 of 100 loses accuracy: the figure is measured, not copied
