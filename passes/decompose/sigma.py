@@ -73,9 +73,22 @@ def _tucker_closed_form(kernel: np.ndarray, sigma: np.ndarray, u_in: np.ndarray,
     k_sigma_p = np.einsum("tsj,sr->trj", k_sigma.reshape(out, s, taps), u_in).reshape(out, -1)
     chol = np.linalg.cholesky(proj + 1e-12 * np.trace(proj) / len(proj) * np.eye(len(proj)))
     m0 = np.linalg.solve(chol.T, np.linalg.solve(chol, k_sigma_p.T)).T        # K Sigma P Sigma_z^-1
-    u_out = gram_svd(m0 @ chol, rank_out)[0]  # only the leading left vectors: eigh of the T x T Gram
-
+    u_out = _complete(gram_svd(m0 @ chol, rank_out)[0], rank_out)  # the leading left vectors (eigh of the Gram)
     return u_out, u_out.T @ m0
+
+
+def _complete(basis: np.ndarray, columns: int) -> np.ndarray:
+    """`basis` with orthonormal columns added up to `columns`.
+
+    M0 has only R_S*k2 columns, so when R_T exceeds that (a 1x1 conv with R_T > R_S) its SVD gives
+    fewer vectors than the core needs; the added directions get zero core rows, as in HOOI.
+    """
+    missing = columns - basis.shape[1]
+    if missing <= 0:
+        return basis
+    probe = np.random.default_rng(0).standard_normal((basis.shape[0], missing))
+    probe -= basis @ (basis.T @ probe)
+    return np.concatenate([basis, np.linalg.qr(probe)[0]], axis=1)
 
 
 def _tucker_kernel(core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> np.ndarray:

@@ -272,3 +272,15 @@ def test_errors_use_the_first_128_samples_while_data_passes_fit_on_all(net, cali
     _, report = tf.compress(graph, "svd(rank=6, data=true, include=c4)", calibration=calibration)
     # c4 is a 1x1 conv on an 8x8 map: 64 patch rows per image, 4 of the 5 batches fit (one held out)
     assert _replaced(report, "c4").details["calibration_rows"] == 4 * 32 * 64
+
+
+def test_tucker2_data_on_a_1x1_conv_with_more_output_than_input_rank(net, calibration):
+    """R_T > R_S * k^2: the closed form has fewer singular vectors than R_T (found on resnet18-digits)."""
+    graph = _fx(net)
+    compressed, report = tf.compress(graph, "tucker2(rank=(12,5), data=true, force=true, include=c4)",
+                                     calibration=calibration)
+    record = _replaced(report, "c4")
+    assert record.details["ranks"] == [12, 5]
+    shapes = [l.spec.weight.shape for l in compressed.layers() if l.name.startswith("c4")]
+    assert shapes[0][0] == 5 and shapes[-1][1] == 12
+    assert record.details["data_error_heldout"] <= record.details["weight_only_error_heldout"] * 1.05
