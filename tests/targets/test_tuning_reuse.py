@@ -51,7 +51,8 @@ def test_tuned_build_spends_its_trials_and_is_correct(tuned, tools):
     # + bias + relu, counted here) and the shares of time add up to one
     (task,) = tuning["task_profile"]
     assert task["flops"] == 2 * 8 * 16 * 16 * 3 * 3 * 3 + 2 * 8 * 16 * 16
-    assert task["best_us"] > 0 and task["gflops"] == pytest.approx(task["flops"] / task["best_us"] / 1e3, rel=0.01)
+    # gflops is rounded to 2 decimals: on a loaded machine (ms per run) that rounding exceeds 1 %
+    assert task["best_us"] > 0 and task["gflops"] == pytest.approx(task["flops"] / task["best_us"] / 1e3, rel=0.01, abs=0.005)
     assert task["share"] == 1.0
     error = tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"])
     assert error < 1e-4
