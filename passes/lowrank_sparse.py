@@ -12,7 +12,6 @@ turn comes, so later layers fit the inputs that earlier replacements produce.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from typing import Iterator
@@ -25,6 +24,7 @@ from tensorfold.ir.specs import Conv, Linear, ParallelSum, Spec, chain_cost, cos
 from tensorfold.ir.torch_modules import run_specs
 
 from .decompose.lowrank_sparse import FitData, LowRankSparse, columns_of, lowrank_sparse as fit
+from .factorize import _candidates as factorize_candidates
 from .layer_data import SecondMoment, patch_width, patches, require_calibration, split_feeds
 from .measure import Feeds, layer_error
 from .progress import progress_bar
@@ -87,22 +87,10 @@ def _check_options(options: dict) -> None:
 
 
 def _candidates(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
-    layers = [l for l in graph.layers() if l.kind in ("conv", "linear")]
-    include = [p for p in options["include"].split("|") if p]
-    exclude = [p for p in options["exclude"].split("|") if p]
-    for label, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(l.name, pattern) for l in layers):
-                report.warnings.append(f"{label} pattern {pattern!r} matches no conv/linear layer")
+    """factorize's candidates (patterns, unreadable layers), less the layers this pass cannot split."""
     chosen = []
-    for layer in layers:
-        if include and not any(fnmatch.fnmatchcase(layer.name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(layer.name, p) for p in exclude):
-            report.skip(layer.name, "excluded by pattern")
-        elif layer.spec is None:
-            report.skip(layer.name, layer.unusable or "unusable")
-        elif (reason := _unsupported(layer.spec)) is not None:
+    for layer in factorize_candidates(graph, options, report):
+        if (reason := _unsupported(layer.spec)) is not None:
             report.skip(layer.name, reason)
         else:
             chosen.append(layer)
