@@ -90,8 +90,11 @@ def normalize(passes: PipelineSpec) -> Steps:
 
 
 def run(graph: Graph, passes: PipelineSpec, calibration: Feeds | None = None,
-        progress: bool = False) -> tuple[Graph, Report]:
-    """Check every step first (unknown passes or options fail before any work), then run them in order."""
+        progress: bool = False, training: Any = None) -> tuple[Graph, Report]:
+    """Check every step first (unknown passes or options fail before any work), then run them in order.
+
+    `training`: labelled data (passes.training.Labelled) for training passes (finetune, musco).
+    """
     from . import load_all
 
     load_all()
@@ -104,7 +107,7 @@ def run(graph: Graph, passes: PipelineSpec, calibration: Feeds | None = None,
     original, current = graph, graph
     for info, options in resolved:
         started = time.perf_counter()
-        result, pass_report = info.fn(current, options, registry.PassContext(inputs, progress))
+        result, pass_report = info.fn(current, options, registry.PassContext(inputs, progress, training, original))
         pass_report.options = options
         pass_report.seconds = time.perf_counter() - started
         pass_report.params_before, pass_report.params_after = current.total_params(), result.total_params()

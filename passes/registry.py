@@ -20,10 +20,13 @@ class Option:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides its options: the inputs errors are measured on, progress."""
+    """What a pass may use besides its options: the inputs errors are measured on, progress, and for
+    training passes labelled data and the pipeline's input graph (the teacher for distillation)."""
 
     inputs: ErrorInputs
     progress: bool = False
+    training: Any = None          # passes.training.Labelled, or None when no training data was given
+    teacher: Graph | None = None
 
 
 PassFn = Callable[[Graph, dict, PassContext], tuple[Graph, PassReport]]

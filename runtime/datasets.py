@@ -70,3 +70,42 @@ def _normalize(pixels: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3:
         return (pixels - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
     return (pixels - 0.5) / 0.5  # the digits example's convention
+
+
+def load_training_data(data: Any, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(inputs, labels, description) to train on: a task name (its training split, never its test set),
+    an ImageFolder directory, (inputs, labels) arrays or tensors, or a torch DataLoader / Dataset of
+    (input, label) pairs (read once into memory)."""
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
+        x, y, what = _array(data[0]), _array(data[1]), "given arrays"
+    elif is_task(data):
+        x, y = get_task(data).train_data()
+        what = f"{data} training split"
+    elif isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
+        x, y = image_folder(os.fspath(data), input_shape)
+        what = f"ImageFolder {os.fspath(data)}"
+    elif hasattr(data, "__iter__") and (hasattr(data, "dataset") or hasattr(data, "__getitem__")) \
+            and not isinstance(data, (str, os.PathLike, np.ndarray)):
+        pairs = list(data)
+        if not pairs or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise DataError(f"training data ({type(data).__name__}): expected (input, label) pairs")
+        batched = hasattr(data, "batch_size") and getattr(data, "batch_size", None) is not None
+        join = np.concatenate if batched else np.stack
+        x, y = join([_array(p[0]) for p in pairs]), join([_array(p[1]) for p in pairs])
+        what = f"({type(data).__name__}, {len(x)} samples)"
+    else:
+        hint = did_you_mean(data) if isinstance(data, str) else ""
+        raise DataError(f"training data {data!r}{hint}: expected a task ({', '.join(task_names())}), an ImageFolder "
+                        "directory (one sub-folder per class), (inputs, labels) arrays or a DataLoader")
+    x = x.astype(np.float32) if x.dtype.kind == "f" else x
+    y = y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32)
+    if tuple(x.shape[1:]) != tuple(input_shape[1:]):
+        raise InputShapeError(f"training data {what}: samples have shape {tuple(x.shape[1:])}, the model takes "
+                              f"{tuple(input_shape[1:])} (batch first)")
+    if len(x) != len(y):
+        raise DataError(f"training data {what}: {len(x)} inputs but {len(y)} labels")
+    return x, y, what
+
+
+def _array(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 
 def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example_inputs: Any = None,
-             progress: bool = False) -> tuple[Graph, Report]:
+             progress: bool = False, train_data: Any = None) -> tuple[Graph, Report]:
     """Run a pipeline ("fold_bn, svd(rank=8)" or [(name, options), ...]) on a Graph or a module.
 
     `calibration`: a list of arrays / tensors / {input name: array} dicts, a DataLoader, an
@@ -27,6 +27,9 @@ def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example
     training data) is used: "digits", "mnist1d-mlp", "mnist1d-cnn", "resnet18-digits"
     (`tensorfold tasks`; runtime/calibration.py); errors are then also measured on it, and
     data-driven passes (int8) calibrate on it.
+
+    `train_data`: labelled data for the training passes (finetune, musco): a task name (its
+    training split), an ImageFolder directory, (inputs, labels) arrays or a DataLoader.
     """
     graph = graph_or_module
     if not isinstance(graph, Graph):
@@ -38,7 +41,31 @@ def compress(graph_or_module: Any, passes: Any, calibration: Any = None, example
         from tensorfold.runtime.calibration import calibration_feeds
 
         feeds = calibration_feeds(calibration, graph)
-    return _run_pipeline(graph, passes, calibration=feeds, progress=progress)
+    training = _labelled(train_data, graph) if train_data is not None else None
+    return _run_pipeline(graph, passes, calibration=feeds, progress=progress, training=training)
 
 
-__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "load", "measure"]
+def finetune(graph: Graph, data: Any, epochs: int = 1, lr: float = 1e-3, teacher: Graph | None = None,
+             progress: bool = False, **options: Any) -> tuple[Graph, Any]:
+    """Train `graph` on labelled `data` (a task name, an ImageFolder, (inputs, labels), a DataLoader);
+    with `teacher` (e.g. the original graph) it distils from it. Returns (trained graph, PassReport);
+    layer structure and ranks are kept. More options: batch, optimizer, weight_decay, alpha,
+    temperature, freeze, bn, holdout, seed (`tensorfold passes` lists them under finetune)."""
+    from tensorfold.passes import load_all
+    from tensorfold.passes.registry import get
+    from tensorfold.passes.training.finetune import finetune_graph
+
+    load_all()
+    resolved = get("finetune").resolve({"epochs": epochs, "lr": lr, **options})
+    return finetune_graph(graph, _labelled(data, graph), resolved, teacher, progress)
+
+
+def _labelled(data: Any, graph: Graph):
+    from tensorfold.passes.training import Labelled
+    from tensorfold.runtime.datasets import load_training_data
+
+    x, y, what = load_training_data(data, graph.inputs[0].shape)
+    return Labelled(x, y, what)
+
+
+__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "finetune", "load", "measure"]

@@ -1,0 +1,137 @@
+"""finetune: train a (compressed) graph on labelled data, optionally distilling from the original.
+
+Default: every weight trains, BatchNorm statistics and dropout stay fixed (eval mode: the small
+batches of a fine-tune would make the statistics noisy, and after fold_bn there are none);
+`freeze=first|last|<glob>` keeps layers as they are. One sample in ten is held out: its score
+before and after each epoch is in the report; the test set is never touched.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import numpy as np
+
+from tensorfold.ir.errors import PipelineError
+from tensorfold.ir.graph import Graph
+
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
+from .loop import FitOptions, Labelled, check_fits, fit, outputs
+from .trainable import trainable
+
+OPTIONS = {
+    "epochs": Option(int, 1, "passes over the training data"),
+    "lr": Option(float, 1e-3, "learning rate (cosine decay to 0 over the run)"),
+    "batch": Option(int, 64, "batch size"),
+    "optimizer": Option(str, "adam", "adam or sgd (momentum 0.9, nesterov)"),
+    "weight_decay": Option(float, 0.0, "L2 weight decay"),
+    "distill": Option(bool, True, "distil from the pipeline's input graph (the original): soft targets + labels"),
+    "alpha": Option(float, 0.5, "weight of the teacher term: (1-alpha)*CE + alpha*T^2*KL"),
+    "temperature": Option(float, 4.0, "softmax temperature T of the teacher term"),
+    "freeze": Option(str, "", "layers that stay as they are: first, last, or glob patterns on layer names, "
+                     "separated by |"),
+    "bn": Option(str, "frozen", "frozen (eval mode: BatchNorm statistics and dropout fixed) or train"),
+    "holdout": Option(float, 0.1, "fraction of the training data held out to score each epoch"),
+    "seed": Option(int, 0, "seed of the shuffles, the held-out split and dropout"),
+}
+
+
+def fit_options(options: dict[str, Any]) -> FitOptions:
+    return FitOptions(epochs=options["epochs"], lr=options["lr"], batch=options["batch"],
+                      optimizer=options["optimizer"], weight_decay=options["weight_decay"], alpha=options["alpha"],
+                      temperature=options["temperature"], bn=options["bn"], seed=options["seed"])
+
+
+def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teacher: Graph | None = None,
+                   progress: bool = False, label: str = "finetune") -> tuple[Graph, PassReport]:
+    """(trained copy of `graph`, report). `graph` is untouched; layer kinds and shapes are kept."""
+    _check_options(options, label)
+    report = PassReport(label)
+    view = trainable(graph, label)
+    check_fits(view.module, data, graph.source, graph.inputs[0].shape)
+    if len(graph.inputs) != 1:
+        raise PipelineError(f"{label}: {graph.source} has {len(graph.inputs)} inputs; fine-tuning takes one")
+    frozen = _frozen_layers(graph, options["freeze"], report)
+    parameters = view.parameters(frozen)
+    train, heldout = data.split(options["holdout"], options["seed"])
+    teacher_out = None
+    if teacher is not None:
+        teacher_out = _teacher_outputs(teacher, train.x)
+        if teacher_out.shape[1:] != outputs(view.module, train.x[:1]).shape[1:]:
+            raise PipelineError(f"{label}: the teacher {teacher.source} outputs shape {teacher_out.shape[1:]}, the "
+                                f"student {graph.source} {outputs(view.module, train.x[:1]).shape[1:]}")
+    history = fit(view.module, parameters, train, heldout, fit_options(options), teacher_out, label, progress)
+    result = view.finish()
+    for layer in graph.layers():
+        if layer.spec is not None and layer.name not in frozen:
+            report.add(LayerRecord(layer.name, "trained", method=f"{len(train.y)} samples x {options['epochs']} epochs",
+                                   params_before=_params(layer), params_after=_params(layer)))
+    for name in frozen:
+        report.skip(name, "frozen (freeze=)")
+    metric = "accuracy" if history.metric == "top1" else "MSE"
+    report.summary = {
+        f"held-out {metric} before": round(history.before, 4),
+        f"held-out {metric} after": round(history.after, 4),
+        "epochs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()} for e in history.epochs],
+        "training samples": len(train.y), "held-out samples": len(heldout.y),
+        "trained parameters": int(sum(p.numel() for p in parameters)),
+        "teacher": (f"{teacher.source} (alpha {options['alpha']}, T {options['temperature']})"
+                    if teacher is not None else "none"),
+        "training seconds": round(history.seconds, 2),
+    }
+    report.warnings += view.notes
+    return result, report
+
+
+@register("finetune", OPTIONS)
+def finetune(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
+    """Train the graph on labelled data (layer structure and ranks kept); distils from the pipeline's input graph."""
+    if context.training is None:
+        raise PipelineError("finetune needs labelled training data: tf.compress(..., train_data=<task name | "
+                            "ImageFolder dir | (inputs, labels) | DataLoader>) or `tensorfold compress ... "
+                            "--train-data DIR|TASK` (a task model uses its training split by default)")
+    teacher = context.teacher if options["distill"] else None
+    return finetune_graph(graph, context.training, options, teacher, context.progress)
+
+
+def _check_options(options: dict[str, Any], label: str) -> None:
+    if options["epochs"] < 1 or options["batch"] < 1:
+        raise PipelineError(f"{label}: epochs and batch must be at least 1 (epochs={options['epochs']}, "
+                            f"batch={options['batch']})")
+    if not options["lr"] > 0:
+        raise PipelineError(f"{label}: lr={options['lr']} must be positive")
+    if not 0 < options["holdout"] < 1:
+        raise PipelineError(f"{label}: holdout={options['holdout']} must lie in (0, 1)")
+    if not 0 <= options["alpha"] <= 1 or not options["temperature"] > 0:
+        raise PipelineError(f"{label}: alpha must lie in [0, 1] and temperature be positive")
+
+
+def _frozen_layers(graph: Graph, freeze: str, report: PassReport) -> list[str]:
+    weighted = [l.name for l in graph.layers() if l.spec is not None and l.kind in ("conv", "linear",
+                                                                                   "conv_transpose")]
+    frozen = []
+    for pattern in [p.strip() for p in (freeze or "").split("|") if p.strip()]:
+        if pattern == "first":
+            hits = weighted[:1]
+        elif pattern == "last":
+            hits = weighted[-1:]
+        else:
+            hits = [l.name for l in graph.layers() if fnmatch.fnmatchcase(l.name, pattern)]
+        if not hits:
+            raise PipelineError(f"finetune: freeze pattern {pattern!r} matches no layer; layers: "
+                                f"{', '.join(l.name for l in graph.layers()[:12])}")
+        frozen += [h for h in hits if h not in frozen]
+    return frozen
+
+
+def _teacher_outputs(teacher: Graph, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    name = teacher.inputs[0].name
+    key = teacher.output_names[0]
+    return np.concatenate([teacher.run({name: x[i:i + batch]})[key] for i in range(0, len(x), batch)])
+
+
+def _params(layer) -> int:
+    from tensorfold.ir.specs import arrays_of
+
+    return int(sum(a.size for a in arrays_of(layer.spec).values()))

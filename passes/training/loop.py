@@ -1,0 +1,220 @@
+"""Supervised training of a torch module on arrays, with optional distillation from a teacher's outputs.
+
+Integer labels mean classification: cross-entropy, and the held-out figure is top-1 accuracy.
+Float targets mean regression: mean squared error, held-out figure the MSE. With teacher
+outputs (Hinton et al. 2015) the loss is
+    (1 - alpha) * task loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+(regression: alpha * MSE to the teacher's outputs); alpha 0.5 and T 4 by default.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tensorfold.ir.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Training inputs (batch first, the model's layout) and labels (int) or targets (float)."""
+    x: np.ndarray
+    y: np.ndarray
+    what: str = "training data"
+
+    @property
+    def classification(self) -> bool:
+        return self.y.dtype.kind in "iu"
+
+    def split(self, holdout: float, seed: int) -> tuple["Labelled", "Labelled"]:
+        """(train, held out): a seeded shuffle, at least one sample on each side."""
+        order = np.random.default_rng(seed).permutation(len(self.y))
+        held = min(max(int(round(holdout * len(order))), 1), len(order) - 1)
+        fit, kept = order[held:], order[:held]
+        return (Labelled(self.x[fit], self.y[fit], self.what),
+                Labelled(self.x[kept], self.y[kept], f"{self.what} (held out)"))
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int = 1
+    lr: float = 1e-3
+    batch: int = 64
+    optimizer: str = "adam"        # adam or sgd (momentum 0.9, nesterov)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"       # cosine (per batch, to 0) or constant
+    alpha: float = 0.5             # weight of the teacher term when a teacher is given
+    temperature: float = 4.0
+    bn: str = "frozen"             # frozen: eval mode (BatchNorm statistics and dropout fixed); train
+    seed: int = 0
+
+
+@dataclass
+class FitHistory:
+    metric: str                                  # "top1" or "mse"
+    before: float
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def after(self) -> float:
+        return self.epochs[-1][f"heldout_{self.metric}"] if self.epochs else self.before
+
+
+def outputs(module: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([_first(module(torch.from_numpy(x[i:i + batch]))) for i in range(0, len(x), batch)]).numpy()
+
+
+def score(module: nn.Module, data: Labelled) -> float:
+    out = outputs(module, data.x)
+    if data.classification:
+        return float(np.mean(np.argmax(out, axis=1) == data.y))
+    return float(np.mean((out - data.y) ** 2))
+
+
+def check_fits(module: nn.Module, data: Labelled, source: str, input_shape: Sequence[int]) -> None:
+    """Clear errors for data that does not fit the model: input shape, label count, target shape."""
+    if tuple(data.x.shape[1:]) != tuple(input_shape[1:]):
+        raise PipelineError(f"{data.what}: samples have shape {tuple(data.x.shape[1:])}, {source} takes "
+                            f"{tuple(input_shape[1:])} (batch first)")
+    if len(data.x) != len(data.y):
+        raise PipelineError(f"{data.what}: {len(data.x)} samples but {len(data.y)} labels")
+    if len(data.y) < 2:
+        raise PipelineError(f"{data.what}: fine-tuning needs at least 2 samples (one is held out)")
+    out = outputs(module, data.x[:2])
+    if data.classification:
+        if out.ndim != 2:
+            raise PipelineError(f"{data.what}: integer labels need (batch, classes) logits; {source} outputs "
+                                f"shape {out.shape[1:]} per sample")
+        if data.y.min() < 0 or data.y.max() >= out.shape[1]:
+            raise PipelineError(f"{data.what}: labels span {int(data.y.min())}..{int(data.y.max())}, but {source} "
+                                f"has {out.shape[1]} outputs (classes 0..{out.shape[1] - 1})")
+    elif tuple(out.shape[1:]) != tuple(data.y.shape[1:]):
+        raise PipelineError(f"{data.what}: targets have shape {tuple(data.y.shape[1:])} per sample, {source} "
+                            f"outputs {tuple(out.shape[1:])}")
+
+
+def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, heldout: Labelled,
+        options: FitOptions, teacher_outputs: np.ndarray | None = None, label: str = "finetune",
+        progress: bool = False) -> FitHistory:
+    """Train `parameters` of `module` in place; seeded, the caller's RNG untouched; module ends in eval mode."""
+    if options.bn not in ("frozen", "train"):
+        raise PipelineError(f"{label}: bn={options.bn!r}; expected frozen or train")
+    if not parameters:
+        raise PipelineError(f"{label}: nothing to train (every layer frozen)")
+    history = FitHistory("top1" if train.classification else "mse", score(module.eval(), heldout))
+    started = time.perf_counter()
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    teacher = None if teacher_outputs is None else torch.from_numpy(np.asarray(teacher_outputs, np.float32))
+    steps = math.ceil(len(y) / options.batch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        optimizer = _optimizer(parameters, options, label)
+        total_steps = max(options.epochs * steps, 1)
+        schedule = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+                    if options.schedule == "cosine" else None)
+        if options.schedule not in ("cosine", "constant"):
+            raise PipelineError(f"{label}: schedule={options.schedule!r}; expected cosine or constant")
+        generator = torch.Generator().manual_seed(options.seed)
+        with _epoch_progress(label, options.epochs, steps, progress) as (advance, end_epoch):
+            for epoch in range(options.epochs):
+                _train_mode(module, options.bn, label)
+                order = torch.randperm(len(y), generator=generator)
+                total = 0.0
+                for first in range(0, len(y), options.batch):
+                    index = order[first:first + options.batch]
+                    optimizer.zero_grad()
+                    student = _first(module(x[index]))
+                    loss = _loss(student, y[index], None if teacher is None else teacher[index], train.classification,
+                                 options)
+                    if not torch.isfinite(loss):
+                        raise PipelineError(f"{label}: the training loss became {loss.item()} in epoch {epoch + 1}; "
+                                            f"lower lr (now {options.lr:g})")
+                    loss.backward()
+                    optimizer.step()
+                    if schedule is not None:
+                        schedule.step()
+                    total += loss.item() * len(index)
+                    advance()
+                module.eval()
+                held = score(module, heldout)
+                history.epochs.append({"epoch": epoch + 1, "loss": total / len(y), f"heldout_{history.metric}": held})
+                end_epoch(epoch + 1, total / len(y), history.metric, held)
+    history.seconds = time.perf_counter() - started
+    module.eval()
+    return history
+
+
+def _loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, classification: bool,
+          options: FitOptions) -> torch.Tensor:
+    task = F.cross_entropy(student, labels) if classification else F.mse_loss(student, labels)
+    if teacher is None:
+        return task
+    if classification:
+        t = options.temperature
+        soft = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), log_target=True,
+                        reduction="batchmean") * t * t
+    else:
+        soft = F.mse_loss(student, teacher)
+    return (1 - options.alpha) * task + options.alpha * soft
+
+
+def _optimizer(parameters: Sequence[nn.Parameter], options: FitOptions, label: str) -> torch.optim.Optimizer:
+    if options.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=options.lr, weight_decay=options.weight_decay)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=options.lr, momentum=0.9, nesterov=True, weight_decay=options.weight_decay)
+    raise PipelineError(f"{label}: optimizer={options.optimizer!r}; expected adam or sgd")
+
+
+def _train_mode(module: nn.Module, bn: str, label: str) -> None:
+    if bn == "frozen":
+        module.eval()
+        return
+    try:
+        module.train()
+    except NotImplementedError:  # torch.export modules cannot switch mode
+        raise PipelineError(f"{label}: bn=train needs a module that can switch to training mode; this graph was "
+                            "captured by torch.export, which fixes it: use bn=frozen") from None
+
+
+def _first(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class _epoch_progress:
+    """A rich bar on a terminal; one plain line per epoch otherwise (CI logs); nothing when disabled."""
+
+    def __init__(self, label: str, epochs: int, steps: int, enabled: bool):
+        self.label, self.epochs, self.steps, self.enabled = label, epochs, steps, enabled
+        self.bar = None
+
+    def __enter__(self) -> tuple[Callable[[], None], Callable[[int, float, str, float], None]]:
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(f"{self.label}: epoch 1/{self.epochs}", total=self.epochs * self.steps)
+        return (lambda: self.bar.advance(self.task)) if self.bar else (lambda: None), self._end_epoch
+
+    def _end_epoch(self, epoch: int, loss: float, metric: str, held: float) -> None:
+        line = f"{self.label}: epoch {epoch}/{self.epochs} loss {loss:.4f} held-out {metric} {held:.4f}"
+        if self.bar is not None:
+            self.bar.console.print(line)
+        elif self.enabled:
+            print(f"  {line}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
