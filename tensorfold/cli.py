@@ -10,6 +10,8 @@ from typing import Sequence
 from tensorfold.ir.errors import TensorfoldError
 
 
+TRAIN_HELP = ("labelled training data for finetune / musco steps: a task name (its training split) or an ImageFolder "
+              "directory (default when MODEL is a task: its training split; the test set stays held out)")
 CALIBRATION_HELP = ("calibration data for data-driven passes (int8): a .npy array, an ImageFolder directory or a "
                     "task name (default when MODEL is a task: its calibration split, from its training data)")
 
@@ -23,7 +25,8 @@ def _compress(args: argparse.Namespace) -> int:
         raise TensorfoldError(f"refusing to write over the input file {args.model!r}; choose another -o")
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     evaluate = args.eval or task_name(args.model)
-    compressed, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
+    compressed, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet,
+                                     train_data=_train_data(args))
     if evaluate:
         _add_task_scores(report, evaluate, graph, compressed)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -50,6 +53,11 @@ def _first_task(args: argparse.Namespace) -> str | None:
 def _calibration(args: argparse.Namespace):
     """--calibration, or when a model is a task its calibration split (training data: the test data stays held out)."""
     return args.calibration or _first_task(args)
+
+
+def _train_data(args: argparse.Namespace):
+    """--train-data, or when a model is a task its training split."""
+    return args.train_data or _first_task(args)
 
 
 def _add_task_scores(report, name: str, original, compressed) -> None:
@@ -85,7 +93,8 @@ def _build(args: argparse.Namespace) -> int:
     graph = resolve(args.model, parse_shape(args.input_shape), args.weights)
     if args.passes:
         original = graph
-        graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet)
+        graph, report = tf.compress(graph, args.passes, calibration=_calibration(args), progress=not args.quiet,
+                                    train_data=_train_data(args))
         if _first_task(args):  # the task's evaluator on its test set, before and after the passes
             _add_task_scores(report, _first_task(args), original, graph)
         print(report.table())
@@ -185,7 +194,7 @@ def _measure(args: argparse.Namespace) -> int:
                          tune_trials=args.tune_trials, report=args.report, passes=args.passes,
                          rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_timeout=args.rpc_timeout,
                          work_dir=args.work_dir, threads=args.threads, limit=args.limit, progress=not args.quiet,
-                         calibration=_calibration(args))
+                         calibration=_calibration(args), train_data=_train_data(args))
     except MeasureError as e:
         e.report.print()
         if args.report:
@@ -286,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also report the task's test score before/after (default when MODEL is a task); "
                           f"one of {', '.join(task_names())}")
     compress.add_argument("--calibration", help=CALIBRATION_HELP)
+    compress.add_argument("--train-data", help=TRAIN_HELP)
     compress.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     compress.set_defaults(func=_compress)
 
@@ -310,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
     build.add_argument("--report", help="also write the manifest (with the tuning summary) here")
     build.add_argument("--calibration", help=CALIBRATION_HELP)
+    build.add_argument("--train-data", help=TRAIN_HELP)
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     build.set_defaults(func=_build)
 
@@ -335,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--work-dir", help="where to build artifacts (default: a temporary folder)")
     measure.add_argument("--report", help="write report.json here, and PNG plots beside it")
     measure.add_argument("--calibration", help=CALIBRATION_HELP)
+    measure.add_argument("--train-data", help=TRAIN_HELP)
     measure.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     measure.set_defaults(func=_measure)
 

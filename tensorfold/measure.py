@@ -58,13 +58,14 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
             rpc_tracker: str | None = None, rpc_key: str | None = None, rpc_timeout: float = 5.0,
             work_dir: str | os.PathLike | None = None, threads: int | None = None, limit: int | None = None,
             random_samples: int = 8, progress: bool = True, strict: bool = True,
-            calibration: Any = None) -> MeasureReport:
+            calibration: Any = None, train_data: Any = None) -> MeasureReport:
     """Measure latency and accuracy of every candidate on every engine of every target.
 
     candidates: a model or a list of them (a Graph, an .onnx path, `torchvision:<arch>`, a factory
     `pkg.mod:fn`, a task name such as `digits`, or an artifact folder), or (name, model) pairs / a {name: model} dict;
     the first is the original that fidelity is measured against. passes: also measure each
-    graph compressed with this pipeline (calibrated on `calibration`, see tf.compress). data: a task name (its test set), an ImageFolder directory, (images,
+    graph compressed with this pipeline (calibrated on `calibration`, trained on `train_data` by
+    finetune / musco steps, see tf.compress). data: a task name (its test set), an ImageFolder directory, (images,
     labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
     called with each engine's outputs. rpc_tracker "HOST:PORT" + rpc_key: where remote targets
     (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError
@@ -76,7 +77,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     threads = int(os.environ["TVM_NUM_THREADS"])
     target_list = [placed(get_target(t), rpc_tracker, rpc_key) for t in
                    ([targets] if isinstance(targets, (str, Target)) else list(targets))]
-    pool = _candidates(candidates, passes, progress, calibration)
+    pool = _candidates(candidates, passes, progress, calibration, train_data)
     shape = pool[0].input_shape
     if data is not None:
         images, labels, data_name = load_data(data, shape, limit)
@@ -105,7 +106,8 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
 
 # ---- candidates and targets ------------------------------------------------------------------
 
-def _candidates(candidates: Any, passes: str | None, progress: bool, calibration: Any = None) -> list[Candidate]:
+def _candidates(candidates: Any, passes: str | None, progress: bool, calibration: Any = None,
+                train_data: Any = None) -> list[Candidate]:
     if isinstance(candidates, dict):
         items = list(candidates.items())
     elif isinstance(candidates, (list, tuple)) and not _is_pair(candidates):
@@ -121,7 +123,8 @@ def _candidates(candidates: Any, passes: str | None, progress: bool, calibration
         if passes and candidate.graph is not None:
             import tensorfold as tf
 
-            compressed, _ = tf.compress(candidate.graph, passes, calibration=calibration, progress=progress)
+            compressed, _ = tf.compress(candidate.graph, passes, calibration=calibration, progress=progress,
+                                        train_data=train_data)
             pool.append(Candidate(f"{candidate.name} + {passes}", compressed))
     if not pool:
         raise TensorfoldError("measure: no candidates given")
