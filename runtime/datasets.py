@@ -77,7 +77,7 @@ def load_training_data(data: Any, input_shape: Sequence[int]) -> tuple[np.ndarra
     an ImageFolder directory, (inputs, labels) arrays or tensors, or a torch DataLoader / Dataset of
     (input, label) pairs (read once into memory)."""
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
-        x, y, what = _array(data[0]), _array(data[1]), "given arrays"
+        x, y, what = _array(data[0]), _array(data[1]), "(given arrays)"
     elif is_task(data):
         x, y = get_task(data).train_data()
         what = f"{data} training split"

@@ -65,7 +65,7 @@ def _labelled(data: Any, graph: Graph):
     from tensorfold.runtime.datasets import load_training_data
 
     x, y, what = load_training_data(data, graph.inputs[0].shape)
-    return Labelled(x, y, what)
+    return Labelled(x, y, f"training data {what}")
 
 
 __all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "finetune", "load", "measure"]
