@@ -26,7 +26,8 @@ OPTIONS = {
     "batch": Option(int, 64, "batch size"),
     "optimizer": Option(str, "adam", "adam or sgd (momentum 0.9, nesterov)"),
     "weight_decay": Option(float, 0.0, "L2 weight decay"),
-    "distill": Option(bool, True, "distil from the pipeline's input graph (the original): soft targets + labels"),
+    "distill": Option(bool, True, "distil from the teacher (in a pipeline: its input graph, the original): soft "
+                      "targets + labels; false: labels only"),
     "alpha": Option(float, 0.5, "weight of the teacher term: (1-alpha)*CE + alpha*T^2*KL"),
     "temperature": Option(float, 4.0, "softmax temperature T of the teacher term"),
     "freeze": Option(str, "", "layers that stay as they are: first, last, or glob patterns on layer names, "
@@ -47,6 +48,7 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
                    progress: bool = False, label: str = "finetune") -> tuple[Graph, PassReport]:
     """(trained copy of `graph`, report). `graph` is untouched; layer kinds and shapes are kept."""
     _check_options(options, label)
+    teacher = teacher if options["distill"] else None
     report = PassReport(label)
     view = trainable(graph, label)
     check_fits(view.module, data, graph.source, graph.inputs[0].shape)
