@@ -136,3 +136,27 @@ def test_build_of_a_task_prints_its_accuracy_before_and_after_the_passes(tmp_pat
     before = float(out.split("test accuracy before:")[1].split()[0])
     after = float(out.split("test accuracy after:")[1].split()[0])
     assert before > 0.55 and 0 < after < before  # rank 8 of 100 loses accuracy: the figure is measured, not copied
+
+
+def test_compress_finetunes_on_a_task_by_default_and_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from tensorfold.runtime.tasks import get_task
+
+    pipeline = "fold_bn, tucker2(rank=evbmf), finetune(epochs=2)"
+    assert main(["compress", "digits", "-p", pipeline, "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune: training samples: 1294" in printed  # the task's training split, one in ten held out
+    after = float(printed.split("test accuracy after: ")[1].split()[0])
+    assert after > 0.9
+    # an ImageFolder of the task's training images (grey PNGs, class folders) trains the same way
+    x, y = get_task("digits").train_data()
+    for i, (image, label) in enumerate(zip(x[:600], y[:600])):
+        folder = tmp_path / "train" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.uint8(np.clip((image[0] * 0.5 + 0.5) * 255, 0, 255))).save(folder / f"{i}.png")
+    assert main(["compress", "digits", "-p", pipeline, "-o", str(tmp_path / "b.onnx"), "-q",
+                 "--train-data", str(tmp_path / "train")]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune: training samples: 540" in printed
+    assert float(printed.split("test accuracy after: ")[1].split()[0]) > 0.8
