@@ -50,10 +50,10 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
     _check_options(options, label)
     teacher = teacher if options["distill"] else None
     report = PassReport(label)
-    view = trainable(graph, label)
-    check_fits(view.module, data, graph.source, graph.inputs[0].shape)
     if len(graph.inputs) != 1:
         raise PipelineError(f"{label}: {graph.source} has {len(graph.inputs)} inputs; fine-tuning takes one")
+    view = trainable(graph, label)
+    check_fits(view.module, data, graph.source, graph.inputs[0].shape)
     frozen = _frozen_layers(graph, options["freeze"], report)
     parameters = view.parameters(frozen)
     train, heldout = data.split(options["holdout"], options["seed"])

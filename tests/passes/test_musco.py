@@ -143,3 +143,20 @@ def test_musco_bad_options_are_named():
         tf.compress(graph, "musco")
     with pytest.raises(PipelineError, match="pass 'finetune' has no option epoch"):
         tf.compress(graph, "musco(finetune=(epoch=2))", train_data=data)
+
+
+def test_musco_on_an_onnx_graph_recompresses_in_place(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "small.onnx"
+    tf.capture(SmallNet().eval(), torch.zeros(1, 1, 8, 8)).save(str(path))
+    graph = tf.load(str(path))
+    result, report = tf.compress(graph, "musco(method=svd, ratio=1.5, stages=3, include=*c3*|*c2*)",
+                                 train_data=_data())
+    stages = report.passes[-1].summary["stages"]
+    assert len(stages) == 3 and stages[-1]["flops"] == result.layer_cost().flops
+    ranks = [s["ranks"] for s in stages]
+    assert all(len(r) == 2 for r in ranks)
+    assert all(a[0] > b[0] for a, b in zip(ranks[0].values(), ranks[2].values()))
+    assert type(result).__name__ == "OnnxGraph"
+    x, _ = _data(8, 3)
+    assert np.isfinite(result.run({result.inputs[0].name: x})[result.output_names[0]]).all()
