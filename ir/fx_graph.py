@@ -203,6 +203,10 @@ class FxGraph(Graph):
     def consumer_ops(self, tensor: str) -> list[str]:
         return [GRAPH_OUTPUT if user.op == "output" else self._op_name(user) for user in self._node(tensor).users]
 
+    def consumer_outputs(self, tensor: str) -> list[tuple[str, str]]:
+        return [(GRAPH_OUTPUT, "") if user.op == "output" else (self._op_name(user), user.name)
+                for user in self._node(tensor).users]
+
     def _op_name(self, node: fx.Node) -> str:
         if node.op == "call_module":
             name = type(self.gm.get_submodule(node.target)).__name__

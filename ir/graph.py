@@ -84,6 +84,11 @@ class Graph(abc.ABC):
         own name where ONNX has none), and GRAPH_OUTPUT if it is a graph output."""
 
     @abc.abstractmethod
+    def consumer_outputs(self, tensor: str) -> list[tuple[str, str]]:
+        """(op, first output tensor) of every node that reads `tensor`, the op spelled as `consumer_ops`
+        spells it; (GRAPH_OUTPUT, "") if it is a graph output. A pass walks a chain of ops with it."""
+
+    @abc.abstractmethod
     def unknown_ops(self) -> list[tuple[str, str]]:
         """(node, op) pairs the adapter does not model; they are kept as they are."""
 

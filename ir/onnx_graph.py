@@ -279,6 +279,10 @@ class OnnxGraph(Graph):
         ops = [n.op_type for n in self._users(tensor)]
         return ops + [GRAPH_OUTPUT] if tensor in self.output_names else ops
 
+    def consumer_outputs(self, tensor: str) -> list[tuple[str, str]]:
+        pairs = [(n.op_type, n.output[0] if n.output else "") for n in self._users(tensor)]
+        return pairs + [(GRAPH_OUTPUT, "")] if tensor in self.output_names else pairs
+
     def unknown_ops(self) -> list[tuple[str, str]]:
         unknown = []
         for node in self.model.graph.node:
@@ -320,13 +324,14 @@ class OnnxGraph(Graph):
         if chain[0].facts.get("transA"):
             new_nodes.append(helper.make_node("Transpose", [source], [f"{prefix}_xT"], name=f"{prefix}_transpose"))
             source = f"{prefix}_xT"
-        in_rank = len(chain[0].in_shape)
+        shape = tuple(chain[0].in_shape)
         for i, spec in enumerate(specs):
             out = chain[-1].output if i == len(specs) - 1 else f"{prefix}_f{i}"
-            made_nodes, made_inits = spec_nodes(spec, source, out, f"{prefix}_f{i}", in_rank)
+            made_nodes, made_inits = spec_nodes(spec, source, out, f"{prefix}_f{i}", len(shape))
             new_nodes += made_nodes
             initializers += made_inits
             source = out
+            shape = spec.out_shape(shape)  # a Reshape changes the rank the next spec reads
         kept = [n for n in nodes if n.name not in doomed]
         del self.model.graph.node[:]
         self.model.graph.node.extend(kept[:position] + new_nodes + kept[position:])

@@ -5,13 +5,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .specs import BatchNorm, Conv, ConvTranspose, Linear, ParallelSum, Spec, TTLinear
+from .specs import Activation, BatchNorm, Conv, ConvTranspose, GroupMax, Linear, ParallelSum, Reshape, Spec, TTLinear
 from .torch_modules import tt_equations
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     array = np.asarray(array)
-    return numpy_helper.from_array(np.ascontiguousarray(array, dtype=array.dtype if array.dtype.kind == "i" else np.float32), name)
+    # np.array, not np.ascontiguousarray: that one makes a scalar (a Gather index that drops the axis) 1-D
+    return numpy_helper.from_array(np.array(array, dtype=array.dtype if array.dtype.kind == "i" else np.float32,
+                                            order="C"), name)
 
 
 def spec_nodes(spec: Spec, x: str, y: str, prefix: str, in_rank: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -53,6 +55,15 @@ def spec_nodes(spec: Spec, x: str, y: str, prefix: str, in_rank: int) -> tuple[l
         return _tt_nodes(spec, x, y, prefix, const), inits
     if isinstance(spec, ParallelSum):
         return _parallel_nodes(spec, x, y, prefix, in_rank, const, inits)
+    if isinstance(spec, Activation):
+        if spec.function == "relu":
+            return [helper.make_node("Relu", [x], [y], name=prefix)], inits
+        return [helper.make_node("LeakyRelu", [x], [y], name=prefix, alpha=float(spec.alpha))], inits
+    if isinstance(spec, Reshape):
+        shape = const("shape", np.array([-1, *spec.shape], np.int64))
+        return [helper.make_node("Reshape", [x, shape], [y], name=prefix)], inits
+    if isinstance(spec, GroupMax):
+        return _group_max_nodes(spec, x, y, prefix, in_rank, const), inits
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
@@ -78,6 +89,23 @@ def _tt_nodes(spec: TTLinear, x: str, y: str, prefix: str, const) -> list[onnx.N
         nodes.append(helper.make_node("Add", [f"{prefix}_nb", const("bias", spec.bias)], [y], name=f"{prefix}_add"))
     else:
         nodes.append(helper.make_node("Reshape", [last, lead], [y], name=f"{prefix}_reshape_out"))
+    return nodes
+
+
+def _group_max_nodes(spec: GroupMax, x: str, y: str, prefix: str, in_rank: int, const) -> list[onnx.NodeProto]:
+    """Reshape to (N, groups, P), one Gather of a scalar index per group, one Max: the same meaning in every
+    opset from 9 on (ReduceMax moved its axes to an input at opset 18, Split its sizes at 13 and 18)."""
+    if in_rank != 2:
+        raise TypeError(f"GroupMax: the ONNX emitter takes (N, groups * P) inputs, not rank {in_rank}")
+    grouped = f"{prefix}_grouped"
+    nodes = [helper.make_node("Reshape", [x, const("shape", np.array([0, spec.groups, -1], np.int64))], [grouped],
+                              name=f"{prefix}_reshape")]
+    blocks = []
+    for m in range(spec.groups):
+        blocks.append(f"{prefix}_g{m}")
+        nodes.append(helper.make_node("Gather", [grouped, const(f"g{m}", np.array(m, np.int64))], [blocks[-1]],
+                                      name=f"{prefix}_gather{m}", axis=1))
+    nodes.append(helper.make_node("Max", blocks, [y], name=prefix))
     return nodes
 
 

@@ -211,7 +211,58 @@ class ParallelSum:
             [list(b) for b in self.branches[1:]]
 
 
-Spec = Union[Conv, ConvTranspose, Linear, BatchNorm, TTLinear, ParallelSum]
+@dataclass
+class Activation:
+    """An elementwise activation: `function` "relu", or "leaky_relu" with slope `alpha` for x < 0."""
+
+    function: str = "relu"
+    alpha: float = 0.01
+
+    kind = "activation"
+    FUNCTIONS = ("relu", "leaky_relu")
+
+    def __post_init__(self) -> None:
+        if self.function not in self.FUNCTIONS:
+            raise ValueError(f"Activation: function {self.function!r} is not one of {self.FUNCTIONS}")
+
+    def out_shape(self, in_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(in_shape)
+
+
+@dataclass
+class GroupMax:
+    """(..., groups * P) -> (..., P): the elementwise max of the `groups` contiguous blocks of the last axis.
+
+    A max-pool over windows of `groups` values, with the window members laid out block by block
+    (block m holds member m of every window): what a pool becomes once only some windows are kept.
+    """
+
+    groups: int
+
+    kind = "group_max"
+
+    def out_shape(self, in_shape: Sequence[int]) -> tuple[int, ...]:
+        if in_shape[-1] % self.groups:
+            raise ValueError(f"GroupMax: last axis {in_shape[-1]} is not a multiple of {self.groups} groups")
+        return (*in_shape[:-1], in_shape[-1] // self.groups)
+
+
+@dataclass
+class Reshape:
+    """(N, ...) -> (N, *shape): every sample's values in the same (C) order, in a new shape."""
+
+    shape: tuple[int, ...]
+
+    kind = "reshape"
+
+    def out_shape(self, in_shape: Sequence[int]) -> tuple[int, ...]:
+        if math.prod(in_shape[1:]) != math.prod(self.shape):
+            raise ValueError(f"Reshape: {tuple(in_shape[1:])} and {self.shape} hold different numbers of values")
+        return (in_shape[0], *self.shape)
+
+
+Spec = Union[Conv, ConvTranspose, Linear, BatchNorm, TTLinear, ParallelSum, Activation, GroupMax, Reshape]
+PARAMETER_FREE = (Activation, GroupMax, Reshape)  # no weights; they move or compare values, no multiply-adds
 
 
 @dataclass
@@ -257,6 +308,8 @@ def cost(spec: Spec, in_shape: Sequence[int]) -> Cost:
     if isinstance(spec, TTLinear):
         rows = math.prod(in_shape[:-1])
         return Cost(_count(*spec.cores, spec.bias), tt_contraction_flops(spec, rows))
+    if isinstance(spec, PARAMETER_FREE):  # compares and moves values: no multiply-adds (like a bias, not counted)
+        return Cost()
     if isinstance(spec, ParallelSum):  # a gather moves data and adds no FLOPs; the sum's adds are ignored like biases
         total = Cost(_count(spec.bias), 0)
         for i, branch in enumerate(spec.branches):
@@ -284,6 +337,8 @@ def arrays_of(spec: Spec) -> dict[str, np.ndarray]:
     """The named arrays of a spec (for finiteness checks and serialization)."""
     if isinstance(spec, BatchNorm):
         return {"mean": spec.mean, "var": spec.var, "gamma": spec.gamma, "beta": spec.beta}
+    if isinstance(spec, PARAMETER_FREE):
+        return {}
     if isinstance(spec, TTLinear):
         named = {f"core{i}": c for i, c in enumerate(spec.cores)}
     elif isinstance(spec, ParallelSum):

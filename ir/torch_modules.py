@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .specs import BatchNorm, Conv, ConvTranspose, Linear, ParallelSum, Spec, TTLinear, symmetric_padding
+from .specs import (Activation, BatchNorm, Conv, ConvTranspose, GroupMax, Linear, ParallelSum, Reshape, Spec, TTLinear,
+                    symmetric_padding)
 
 
 def _param(array: np.ndarray) -> nn.Parameter:
@@ -63,6 +64,29 @@ class ChannelSelect(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(self.axis, self.index)
+
+
+class GroupMaxModule(nn.Module):
+    """(..., groups * P) -> (..., P), the max over the `groups` contiguous blocks (ONNX: Gathers and a Max)."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = int(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.max over a dim, not amax: TVM's Relax torch frontend converts max.dim and has no amax
+        return torch.max(x.unflatten(-1, (self.groups, -1)), dim=-2).values
+
+
+class ReshapeModule(nn.Module):
+    """(N, ...) -> (N, *shape), the batch kept as -1 so any batch size runs."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, *self.shape)
 
 
 class ParallelSumModule(nn.Module):
@@ -149,6 +173,12 @@ def to_module(spec: Spec) -> nn.Module:
         return TTLinearModule(spec)
     if isinstance(spec, ParallelSum):
         return ParallelSumModule(spec)
+    if isinstance(spec, Activation):
+        return nn.ReLU() if spec.function == "relu" else nn.LeakyReLU(float(spec.alpha))
+    if isinstance(spec, GroupMax):
+        return GroupMaxModule(spec.groups)
+    if isinstance(spec, Reshape):
+        return ReshapeModule(spec.shape)
     raise TypeError(f"unknown layer spec {type(spec).__name__}")
 
 
