@@ -6,9 +6,9 @@ evaluator; each model is trained on first use with a fixed seed and cached (`cac
     net = task.model()                        # trained once, then read from the cache
     scores = task.evaluate(outputs, labels)   # {"top1": ...}
 """
-from .evaluators import Evaluator, psnr, top1
+from .evaluators import Evaluator, image_psnr, psnr, top1
 from .registry import did_you_mean, get_task, is_task, list_tasks, register, task_names
 from .task import Split, Task, TaskError
 
-__all__ = ["Evaluator", "Split", "Task", "TaskError", "did_you_mean", "get_task", "is_task", "list_tasks", "psnr",
+__all__ = ["Evaluator", "image_psnr", "Split", "Task", "TaskError", "did_you_mean", "get_task", "is_task", "list_tasks", "psnr",
            "register", "task_names", "top1"]

@@ -18,3 +18,11 @@ def psnr(outputs: np.ndarray, targets: np.ndarray, peak: float = 1.0) -> dict[st
     errors = (np.asarray(outputs, np.float64) - np.asarray(targets, np.float64)).reshape(len(outputs), -1)
     mse = np.maximum(np.mean(errors ** 2, axis=1), 1e-20)
     return {"psnr": float(np.mean(10.0 * np.log10(peak ** 2 / mse)))}
+
+
+def image_psnr(outputs: np.ndarray, targets: np.ndarray, peak: float = 1.0) -> dict[str, float]:
+    """PSNR in dB of one signal spread over the rows (an image's pixels): one MSE over every value,
+    outputs clipped to [0, peak] as an image viewer would show them."""
+    clipped = np.clip(np.asarray(outputs, np.float64), 0.0, peak)
+    mse = max(float(np.mean((clipped - np.asarray(targets, np.float64)) ** 2)), 1e-20)
+    return {"psnr": float(10.0 * np.log10(peak ** 2 / mse)), "mse": mse}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import difflib
 
-from . import digits, mnist1d, resnet_digits
+from . import digits, image_mlp, mnist1d, resnet_digits
 from .task import Task, TaskError
 
-_TASKS: dict[str, Task] = {t.name: t for t in (digits.TASK, mnist1d.MLP_TASK, mnist1d.CNN_TASK, resnet_digits.TASK)}
+_TASKS: dict[str, Task] = {t.name: t for t in (digits.TASK, mnist1d.MLP_TASK, mnist1d.CNN_TASK, resnet_digits.TASK, image_mlp.TASK)}
 
 
 def task_names() -> list[str]:

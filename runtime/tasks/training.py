@@ -3,7 +3,7 @@
 Recipe keys (defaults never change: a new behaviour gets a new key, so a cached file's
 recipe always says how it was trained): seed, epochs, lr, batch; optimizer "adam" (default)
 or "sgd" (momentum, nesterov); weight_decay (0); schedule None or "onecycle" (per batch);
-label_smoothing (0); threads (1).
+label_smoothing (0); threads (1); loss "cross_entropy" (default) or "mse" (regression targets).
 """
 from __future__ import annotations
 
@@ -47,8 +47,7 @@ def fit(task: "Task", verbose: bool = True) -> tuple[nn.Module, float]:
                     for first in range(0, len(y), batch):
                         indices = order[first:first + batch]
                         optimizer.zero_grad()
-                        loss = F.cross_entropy(model(x[indices]), y[indices],
-                                               label_smoothing=recipe.get("label_smoothing", 0.0))
+                        loss = _loss(model(x[indices]), y[indices], recipe)
                         loss.backward()
                         optimizer.step()
                         if scheduler is not None:
@@ -59,6 +58,15 @@ def fit(task: "Task", verbose: bool = True) -> tuple[nn.Module, float]:
         finally:
             torch.set_num_threads(threads)
     return model.eval(), time.perf_counter() - start
+
+
+def _loss(outputs: torch.Tensor, targets: torch.Tensor, recipe: dict[str, Any]) -> torch.Tensor:
+    kind = recipe.get("loss", "cross_entropy")
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs, targets, label_smoothing=recipe.get("label_smoothing", 0.0))
+    if kind == "mse":
+        return F.mse_loss(outputs, targets)
+    raise ValueError(f"training recipe: unknown loss {kind!r} (cross_entropy or mse)")
 
 
 def predict(model: nn.Module, images: np.ndarray, threads: int = 1, batch: int = 256) -> np.ndarray:

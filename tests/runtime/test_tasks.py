@@ -49,8 +49,8 @@ def _rows(array: np.ndarray) -> set[bytes]:
     return {row.tobytes() for row in array}
 
 
-def test_registry_lists_the_four_tasks():
-    assert task_names() == TASKS
+def test_registry_lists_the_tasks():
+    assert task_names() == TASKS + ["image-mlp"]
     for name in TASKS:
         task = get_task(name)
         assert task.description and task.why and task.input_shape[0] == 1
@@ -256,3 +256,27 @@ def test_resnet18_digits_trains_to_a_baseline_with_room_to_lose():
     accuracy = _accuracy(model, *task.test_data())
     assert 0.8 <= accuracy <= 0.97
     assert task.baseline()["top1"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_image_mlp_task_is_a_photograph_fit_scored_in_psnr():
+    from tensorfold.runtime.tasks import image_mlp
+
+    task = make_small_image_task()
+    train_x, train_y = task.train_data()
+    test_x, test_y = task.test_data()
+    assert train_x.shape == (32 * 32, 256) and test_y.shape == (32 * 32, 1)
+    # the same pixels, the training side shuffled: the task is to represent this one image
+    assert _rows(train_x) == _rows(test_x)
+    assert 0 <= test_y.min() and test_y.max() <= 1 and test_y.std() > 0.1
+    image = image_mlp.as_image(test_y, 32)
+    assert np.allclose(image, image_mlp.photograph(32))
+    scores = task.evaluate(test_y + 0.1, test_y)
+    assert scores["psnr"] == pytest.approx(20.0, abs=0.3)  # MSE 0.01 (less where clipping at 1 helps)
+    model = task.model(verbose=False)  # trains (a few seconds at 32 x 32) into the test cache
+    assert task.baseline()["psnr"] > 15
+
+
+def make_small_image_task():
+    from tensorfold.runtime.tasks import image_mlp
+
+    return image_mlp.make_task("image-mlp-32", side=32, epochs=30)
