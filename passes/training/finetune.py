@@ -38,6 +38,17 @@ OPTIONS = {
 }
 
 
+def parse_options(text: str, **defaults: Any) -> dict[str, Any]:
+    """finetune options spelled inside another pass's option, e.g. musco(finetune=(epochs=2, lr=0.0005))."""
+    from ..pipeline import parse
+    from ..registry import get
+
+    text = text.strip()
+    text = text[1:-1] if text.startswith("(") and text.endswith(")") else text
+    (_, given), = parse(f"finetune({text})") if text else [("finetune", {})]
+    return get("finetune").resolve({**defaults, **given})
+
+
 def fit_options(options: dict[str, Any]) -> FitOptions:
     return FitOptions(epochs=options["epochs"], lr=options["lr"], batch=options["batch"],
                       optimizer=options["optimizer"], weight_decay=options["weight_decay"], alpha=options["alpha"],

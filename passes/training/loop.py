@@ -104,8 +104,9 @@ def check_fits(module: nn.Module, data: Labelled, source: str, input_shape: Sequ
 
 def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, heldout: Labelled,
         options: FitOptions, teacher_outputs: np.ndarray | None = None, label: str = "finetune",
-        progress: bool = False) -> FitHistory:
-    """Train `parameters` of `module` in place; seeded, the caller's RNG untouched; module ends in eval mode."""
+        progress: bool = False, penalty: Callable[[], torch.Tensor] | None = None) -> FitHistory:
+    """Train `parameters` of `module` in place; seeded, the caller's RNG untouched; module ends in eval mode.
+    `penalty()` is added to every batch's loss (e.g. ADMM's rho/2 ||W - Z + U||^2)."""
     if options.bn not in ("frozen", "train"):
         raise PipelineError(f"{label}: bn={options.bn!r}; expected frozen or train")
     if not parameters:
@@ -135,6 +136,8 @@ def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, 
                     student = _first(module(x[index]))
                     loss = _loss(student, y[index], None if teacher is None else teacher[index], train.classification,
                                  options)
+                    if penalty is not None:
+                        loss = loss + penalty()
                     if not torch.isfinite(loss):
                         raise PipelineError(f"{label}: the training loss became {loss.item()} in epoch {epoch + 1}; "
                                             f"lower lr (now {options.lr:g})")

@@ -23,7 +23,7 @@ from ..factorize import factorize
 from ..measure import layer_error
 from ..registry import Option, PassContext, get, register
 from ..report import LayerRecord, PassReport
-from .finetune import finetune_graph
+from .finetune import finetune_graph, parse_options
 
 CHAIN_LENGTH = {"tucker2": 3, "svd": 2, "cp3": 3, "cp4": 4}
 
@@ -47,7 +47,7 @@ def musco(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pas
         raise PipelineError("musco fine-tunes after every stage and needs labelled training data: "
                             "tf.compress(..., train_data=...) or --train-data DIR|TASK")
     method, key, policy, target = _settings(options)
-    tune_options = _finetune_options(options["finetune"])
+    tune_options = parse_options(options["finetune"])
     teacher = context.teacher if tune_options["distill"] else None
     report = PassReport("musco")
     start_flops = graph.layer_cost().flops
@@ -145,15 +145,6 @@ def _policy_option(options: dict) -> dict[str, Any]:
     if options["ratio"] is not None:
         return {"ratio": options["ratio"]}
     return {"rank": options["rank"] or "evbmf(weaken=0.8)"}
-
-
-def _finetune_options(text: str) -> dict[str, Any]:
-    from ..pipeline import parse
-
-    inner = text.strip()
-    inner = inner[1:-1] if inner.startswith("(") and inner.endswith(")") else inner
-    (_, given), = parse(f"finetune({inner})") if inner else [("finetune", {})]
-    return get("finetune").resolve(given)
 
 
 def _new_chains(before: Graph, after: Graph, before_names: set[str], report: PassReport,
