@@ -55,8 +55,8 @@ def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--admm", default="admm_lowrank(ratio=4, iters=8, epochs_per_iter=1, batch=4096, lr=0.0005, "
-                                          "rho=0.001, finetune=(epochs=10, lr=0.0005, distill=false))",
+    parser.add_argument("--admm", default="admm_lowrank(ratio=2, iters=10, epochs_per_iter=2, batch=4096, lr=0.001, "
+                                          "rho=0.001, finetune=(epochs=20, lr=0.001, distill=false))",
                         help="the ADMM step of the workflow")
     parser.add_argument("--latency", choices=("on", "off"), default="on")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
