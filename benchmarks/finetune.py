@@ -25,7 +25,7 @@ import numpy as np
 
 import tensorfold as tf
 from tensorfold.models import resolve
-from tensorfold.passes import rank_policy as rp
+from tensorfold.passes import parse, rank_policy as rp
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task
 
@@ -105,7 +105,7 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
         if ft:
             row["compressed"] = score(compressed)
             tuned, ft_report = tf.finetune(compressed, name, teacher=original, progress=sys.stderr.isatty(),
-                                           **_options(ft))
+                                           **parse(f"finetune({ft})")[0][1])
             row["compress_s"], row["train_s"] = round(compress_s, 1), ft_report.summary["training seconds"]
         else:  # musco: compression and training interleave; its stages say what each gave
             stages = report.passes[-1].summary["stages"]
@@ -131,20 +131,6 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
                 if ms is not None and base:
                     row[f"{engine}_ms"], row[f"{engine}_speedup"] = round(ms, 4), round(base / ms, 3)
     return rows
-
-
-def _options(text: str) -> dict:
-    options = {}
-    for item in text.split(","):
-        key, _, value = item.strip().partition("=")
-        options[key] = {"true": True, "false": False}.get(value, value)
-        for kind in (int, float):
-            try:
-                options[key] = kind(value)
-                break
-            except ValueError:
-                pass
-    return options
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:

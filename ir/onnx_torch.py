@@ -45,10 +45,10 @@ class TorchView:
     def parameters_of(self, layer_pattern: str) -> list[nn.Parameter]:
         """Parameters of the graph layers whose names match the glob pattern."""
         chosen = []
+        nodes = {n.name: n for n in self.graph.model.graph.node}
         for layer in self.graph.layers():
             if not fnmatch.fnmatchcase(layer.name, layer_pattern):
                 continue
-            nodes = {n.name: n for n in self.graph.model.graph.node}
             for node_name in layer.facts.get("nodes", []):
                 node = nodes.get(node_name)
                 chosen += [self.tensors[i] for i in (node.input if node is not None else []) if i in self.tensors]

@@ -16,7 +16,7 @@ import numpy as np
 from tensorfold.ir.errors import InputShapeError
 from tensorfold.ir.graph import Graph
 
-from .datasets import DataError, image_folder
+from .datasets import DataError, as_array, image_folder
 from .tasks import did_you_mean, get_task, is_task, task_names
 
 BATCH = 32          # feeds are batches: calibration ranges are per tensor, so the split does not matter
@@ -29,12 +29,12 @@ def calibration_feeds(data: Any, graph: Graph, limit: int | None = None) -> list
         arrays = _from_path(os.fspath(data), graph)
         feeds = [{names[0]: batch} for batch in _batches(arrays)]
     elif hasattr(data, "__iter__") and hasattr(data, "batch_size") and hasattr(data, "dataset"):  # a DataLoader
-        feeds = [{names[0]: _numpy(batch[0] if isinstance(batch, (tuple, list)) else batch)} for batch in data]
+        feeds = [{names[0]: as_array(batch[0] if isinstance(batch, (tuple, list)) else batch)} for batch in data]
     elif isinstance(data, (list, tuple)):
-        feeds = [{k: _numpy(v) for k, v in item.items()} if isinstance(item, dict) else {names[0]: _numpy(item)}
+        feeds = [{k: as_array(v) for k, v in item.items()} if isinstance(item, dict) else {names[0]: as_array(item)}
                  for item in data]
     elif isinstance(data, np.ndarray) or hasattr(data, "detach"):
-        feeds = [{names[0]: batch} for batch in _batches(_numpy(data))]
+        feeds = [{names[0]: batch} for batch in _batches(as_array(data))]
     else:
         raise DataError(f"calibration data of type {type(data).__name__} is not supported: give a list of arrays, "
                         "a DataLoader, an ImageFolder directory, a .npy file or a task name")
@@ -72,9 +72,6 @@ def _from_path(path: str, graph: Graph) -> np.ndarray:
 def _batches(array: np.ndarray) -> list[np.ndarray]:
     return [array[i:i + BATCH] for i in range(0, len(array), BATCH)]
 
-
-def _numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
 def _describe(data: Any) -> str:

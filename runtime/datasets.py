@@ -77,7 +77,7 @@ def load_training_data(data: Any, input_shape: Sequence[int]) -> tuple[np.ndarra
     an ImageFolder directory, (inputs, labels) arrays or tensors, or a torch DataLoader / Dataset of
     (input, label) pairs (read once into memory)."""
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
-        x, y, what = _array(data[0]), _array(data[1]), "(given arrays)"
+        x, y, what = as_array(data[0]), as_array(data[1]), "(given arrays)"
     elif is_task(data):
         x, y = get_task(data).train_data()
         what = f"{data} training split"
@@ -91,7 +91,7 @@ def load_training_data(data: Any, input_shape: Sequence[int]) -> tuple[np.ndarra
             raise DataError(f"training data ({type(data).__name__}): expected (input, label) pairs")
         batched = hasattr(data, "batch_size") and getattr(data, "batch_size", None) is not None
         join = np.concatenate if batched else np.stack
-        x, y = join([_array(p[0]) for p in pairs]), join([_array(p[1]) for p in pairs])
+        x, y = join([as_array(p[0]) for p in pairs]), join([as_array(p[1]) for p in pairs])
         what = f"({type(data).__name__}, {len(x)} samples)"
     else:
         hint = did_you_mean(data) if isinstance(data, str) else ""
@@ -107,5 +107,6 @@ def load_training_data(data: Any, input_shape: Sequence[int]) -> tuple[np.ndarra
     return x, y, what
 
 
-def _array(value: Any) -> np.ndarray:
+def as_array(value: Any) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)

@@ -71,9 +71,10 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
     teacher_out = None
     if teacher is not None:
         teacher_out = _teacher_outputs(teacher, train.x)
-        if teacher_out.shape[1:] != outputs(view.module, train.x[:1]).shape[1:]:
+        student_shape = outputs(view.module, train.x[:1]).shape[1:]
+        if teacher_out.shape[1:] != student_shape:
             raise PipelineError(f"{label}: the teacher {teacher.source} outputs shape {teacher_out.shape[1:]}, the "
-                                f"student {graph.source} {outputs(view.module, train.x[:1]).shape[1:]}")
+                                f"student {graph.source} {student_shape}")
     history = fit(view.module, parameters, train, heldout, fit_options(options), teacher_out, label, progress)
     result = view.finish()
     for layer in graph.layers():

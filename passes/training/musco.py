@@ -197,12 +197,12 @@ def _tune_stage(stage: int, graph: Graph, context: PassContext, tune_options: di
                 stages: list[dict], ranks: dict, start_flops: int, report: PassReport) -> Graph:
     tuned, tune_report = finetune_graph(graph, context.training, tune_options, teacher, context.progress,
                                         label=f"musco stage {stage} finetune")
-    keys = list(tune_report.summary)
+    metric = "accuracy" if context.training.classification else "MSE"
     flops = tuned.layer_cost().flops
     stages.append({"stage": stage, "flops": flops, "flops_x": round(start_flops / max(flops, 1), 3),
                    "params": tuned.total_params(), "ranks": {k: list(v) for k, v in ranks.items()},
-                   "heldout before finetune": tune_report.summary[keys[0]],
-                   "heldout after finetune": tune_report.summary[keys[1]],
+                   "heldout before finetune": tune_report.summary[f"held-out {metric} before"],
+                   "heldout after finetune": tune_report.summary[f"held-out {metric} after"],
                    "finetune seconds": tune_report.summary["training seconds"]})
     report.warnings += [w for w in tune_report.warnings if w not in report.warnings]
     return tuned
