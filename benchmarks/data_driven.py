@@ -134,7 +134,7 @@ def print_table(rows: list[dict], tune_trials: int) -> None:
           f"({'untuned' if not tune_trials else 'MetaSchedule'}); accuracy before any fine-tuning.")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="digits,mnist1d-cnn,mnist1d-mlp")
     parser.add_argument("--levels", default="mild,aggressive", help="mild (ratio 2), aggressive (ratio 4)")
@@ -143,7 +143,11 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--report", help="write the rows as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     levels = [l for l in args.levels.split(",") if l]
     unknown = [l for l in levels if l not in LEVELS]
     if unknown:

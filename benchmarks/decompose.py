@@ -89,14 +89,18 @@ def run(model_name: str, weights: str, methods: list[str], size: int) -> list[di
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,vgg16")
     parser.add_argument("--weights", default="random,planted", help="random, planted, or both")
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--json", default="benchmarks/decompose.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
     rows = []
     for model_name in args.models.split(","):

@@ -157,7 +157,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
           f"TVM: {args.tune_trials} MetaSchedule trials per candidate ({'untuned' if not args.tune_trials else 'tuned'}).")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="resnet18-digits,mnist1d-mlp")
     parser.add_argument("--flops", type=float, default=3.2, help="FLOPs reduction every variant aims at (x)")
@@ -171,7 +171,11 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--report", help="write the rows as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     work = tempfile.mkdtemp(prefix="tensorfold-finetune-")
     rows = []
     for name in [t for t in args.tasks.split(",") if t]:

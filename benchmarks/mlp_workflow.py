@@ -54,7 +54,7 @@ def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
     return os.path.getsize(path), suffix
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--admm", default="admm_lowrank(ratio=2, iters=10, epochs_per_iter=2, batch=4096, lr=0.001, "
                                           "rho=0.001, finetune=(epochs=20, lr=0.001, distill=false))",
@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--report", help="write the rows as JSON here")
     parser.add_argument("--image", default="mlp_workflow.png", help="the reconstructions side by side (PNG)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     task = get_task("image-mlp")
     graph = tf.capture(task.model(), torch.zeros(BATCH, task.input_shape[1]))

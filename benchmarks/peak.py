@@ -59,12 +59,16 @@ def measure_peak_gflops(threads: int | None = None, sizes=SIZES, repeats: int = 
             "gflops": {name: round(rate, 1) for name, rate in rates.items()}, "load_average": load}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="default: one per physical core")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     peak = measure_peak_gflops(args.threads, [int(s) for s in args.sizes.split(",")], args.repeats)
     print(f"fp32 GEMM, {peak['threads']} thread(s), best of repeats (1-min load average before: "
           f"{peak['load_average']}; anything else running lowers the figure):")

@@ -100,7 +100,7 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits,resnet18")
     parser.add_argument("--size", type=int, default=224)
@@ -109,7 +109,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--passes", default="fold_bn", help="the pipeline before int8, for both candidates")
     parser.add_argument("--weights", choices=("random", "planted"), default="random")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory(prefix="tensorfold-quantize-") as work:
         for model in args.models.split(","):
             run(model.strip(), args.size, args.tune_trials, args.rounds, args.warmup, work, args.passes, args.weights)

@@ -226,7 +226,7 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="mnist1d-mlp,mnist1d-cnn,digits")
     parser.add_argument("--ranks", help="comma-separated ranks for every task (default: per task)")
@@ -237,7 +237,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--plot", default="ron.png", help="the accuracy-vs-FLOPs PNG")
     parser.add_argument("--report", help="write the rows as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     work = tempfile.mkdtemp(prefix="tensorfold-ron-")
     rows = [row for name in args.tasks.split(",") if name

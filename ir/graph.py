@@ -1,4 +1,4 @@
-"""The graph view every pass works through (design.md, "The graph view").
+"""The graph view every pass works through (docs/architecture.md#the-graph-view).
 
 Two adapters implement it: `FxGraph` (torch.fx) and `OnnxGraph` (ONNX, kept as ONNX).
 A pass only lists layers, reads their specs, asks who consumes a tensor, replaces a

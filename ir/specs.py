@@ -148,7 +148,7 @@ class BatchNorm:
 
 @dataclass
 class TTLinear:
-    """Tensor-Train matrix layer (algorithms.md §5).
+    """Tensor-Train matrix layer (docs/methods.md#tt).
 
     cores[k]: (r_{k-1}, out_modes[k], in_modes[k], r_k), r_0 = r_d = 1.
     y = reshape(x, (..., *in_modes)) contracted core by core, reshaped to (..., prod(out_modes)) + bias.
@@ -175,7 +175,7 @@ class TTLinear:
 
 @dataclass
 class ParallelSum:
-    """Branches read the same input and their outputs are summed, plus one bias (algorithms.md §9).
+    """Branches read the same input and their outputs are summed, plus one bias (docs/methods.md#lowrank_sparse).
 
     channels[i]: the input channel indices branch i reads (a gather along `axis`), None = all.
     `axis` is 1 for convs (NC...) and -1 for linears (features last). Every branch must end in a
@@ -279,7 +279,7 @@ def _count(*arrays: np.ndarray | None) -> int:
 
 
 def tt_contraction_flops(spec: TTLinear, rows: int) -> int:
-    """Multiply-adds of the einsum chain, contracting the first core first (§5)."""
+    """Multiply-adds of the einsum chain, contracting the first core first (docs/methods.md#tt)."""
     d = len(spec.cores)
     flops = 0
     # after contracting cores 0..k-1 the intermediate holds out_modes[:k], r_k, in_modes[k:]

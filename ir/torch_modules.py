@@ -18,7 +18,7 @@ def _param(array: np.ndarray) -> nn.Parameter:
 
 
 class TTLinearModule(nn.Module):
-    """Tensor-Train matrix layer as an einsum chain (algorithms.md §5).
+    """Tensor-Train matrix layer as an einsum chain (docs/methods.md#tt).
 
     Contracts one core at a time over x reshaped to (rows, *in_modes); every step is a
     plain `torch.einsum`, which torch.export, ONNX (Einsum) and TVM all accept.

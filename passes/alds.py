@@ -78,7 +78,7 @@ def _wanted(name: str, options: dict) -> bool:
 
 
 def alds(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
-    """Conv -> grouped kxk (k input-channel chunks, rank j each) -> 1x1; one error ε for all layers (ALDS, §6.4)."""
+    """Conv -> grouped kxk (k input-channel chunks, rank j each) -> 1x1; one error ε for all layers (ALDS)."""
     _check_options(options)
     report = PassReport("alds")
     graph = graph.copy()

@@ -1,4 +1,4 @@
-"""ALDS's global allocation: one relative error for all layers, bisected against a budget (§6.4).
+"""ALDS's global allocation: one relative error for all layers, bisected against a budget (docs/methods.md#alds).
 
 For a shared error ε every layer takes, among its (k, j), the cheapest whose error figure is
 at most ε, or stays as it is when none costs less than the layer. The model's cost only

@@ -1,4 +1,4 @@
-"""BN folding as arithmetic on specs (algorithms.md §12); no graph here.
+"""BN folding as arithmetic on specs (docs/methods.md#fold_bn); no graph here.
 
 With s = gamma / sqrt(var + eps) and t = beta - s * mean, BN(x) = s*x + t per channel.
 All products are formed in float64 and the result cast back to float32.

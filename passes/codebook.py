@@ -1,4 +1,4 @@
-"""k-means weight sharing and the 16-bit uniform quantizer, as pure numpy (algorithms.md §11).
+"""k-means weight sharing and the 16-bit uniform quantizer, as pure numpy (docs/methods.md#kmeans).
 
 Weights in [-1, 1] become indices into a codebook of k centroids (linear initialisation
 over [min, max], then Lloyd iterations); the rest, and biases, are 16-bit uniform.

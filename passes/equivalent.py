@@ -2,7 +2,7 @@
 
 A chain of convs run with stride 1, no padding and no dilation is one conv whose kernel is
 the composition of the chain's kernels; stride, padding and dilation sit on one spatial
-factor only (algorithms.md §13), so comparing these dense kernels compares the layers.
+factor only (docs/methods.md#pitfalls), so comparing these dense kernels compares the layers.
 Grouped and depthwise kernels are expanded to block-diagonal dense ones first.
 """
 from __future__ import annotations

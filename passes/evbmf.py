@@ -1,6 +1,6 @@
 """Empirical variational Bayes matrix factorisation rank estimate (Nakajima et al., JMLR 2013).
 
-Implements algorithms.md §6.1 step by step, as in the reference code used by musco
+Implements docs/methods.md#evbmf step by step, as in the reference code used by musco
 (`rank_estimation/vbmf.py`), with two fixes: the matrix is transposed so that L <= M (the
 reference silently assumes it), and sigma^2 is searched over log(sigma^2) so that Brent's
 absolute tolerance stays relative: conv weights have noise levels of 1e-6 and below, far
@@ -16,13 +16,13 @@ from scipy.optimize import minimize_scalar
 
 from tensorfold.ir.errors import PipelineError
 
-TAU_BAR_SCALE = 2.5129  # tau_bar = 2.5129 sqrt(alpha) (§6.1 step 1)
+TAU_BAR_SCALE = 2.5129  # tau_bar = 2.5129 sqrt(alpha) (docs/methods.md#evbmf)
 
 
 class EVBMFResult(NamedTuple):
     rank: int               # #{gamma_h > sigma sqrt(M x_bar)}
     sigma2: float           # noise variance, estimated unless given
-    shrunk: np.ndarray      # EVB estimates of the top `rank` singular values (§6.1 step 5)
+    shrunk: np.ndarray      # EVB estimates of the top `rank` singular values (docs/methods.md#evbmf)
     reliable: bool          # False when the sigma^2 search bounds were inverted (small matrices)
 
 
@@ -32,7 +32,7 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _objective(sigma2: float, values2: np.ndarray, residual: float, L: int, M: int, x_bar: float) -> float:
-    """Omega(sigma^2) of §6.1 step 3 (the negative free energy up to constants)."""
+    """Omega(sigma^2) of docs/methods.md#evbmf (the negative free energy up to constants)."""
     alpha, H = L / M, values2.size
     x = values2 / (M * sigma2)
     above = x[x > x_bar]
@@ -48,7 +48,7 @@ def evbmf(matrix: np.ndarray, sigma2: float | None = None, H: int | None = None)
     if Y.ndim != 2 or min(Y.shape) < 1:
         raise PipelineError(f"evbmf needs a non-empty matrix, got shape {Y.shape}")
     if Y.shape[0] > Y.shape[1]:
-        Y = Y.T  # the derivation assumes L <= M (§6.1)
+        Y = Y.T  # the derivation assumes L <= M (docs/methods.md#evbmf)
     L, M = Y.shape
     H = L if H is None else min(int(H), L)
     alpha = L / M
@@ -74,7 +74,7 @@ def evbmf(matrix: np.ndarray, sigma2: float | None = None, H: int | None = None)
         h_bar = min(math.ceil(L / (1 + alpha)) - 1, H - 1)  # 1-based h_bar, capped so gamma_{h_bar+1} exists
         lower = max(values2[h_bar] / (M * x_bar), float(np.mean(values2[h_bar:])) / M)
         if not lower < upper:
-            # small matrices: the bounds cross and the estimate is unreliable (§6.1 pitfalls)
+            # small matrices: the bounds cross and the estimate is unreliable (docs/methods.md#evbmf)
             reliable = False
             lower, upper = sorted((lower, upper))
             lower = lower if lower < upper else upper * (1 - 1e-6)
@@ -95,7 +95,7 @@ def evbmf(matrix: np.ndarray, sigma2: float | None = None, H: int | None = None)
 
 
 def weaken(full_rank: int, evbmf_rank: int, factor: float) -> int:
-    """musco's weakening R - factor (R - R_EVBMF) (§6.1): factor 1 keeps the EVBMF rank,
+    """musco's weakening R - factor (R - R_EVBMF) (docs/methods.md#evbmf): factor 1 keeps the EVBMF rank,
     0 keeps the full rank. The removed part is rounded down, so the rank rounds up."""
     if not 0.0 <= factor <= 1.0:
         raise PipelineError(f"evbmf weaken factor must be in [0, 1], got {factor}")

@@ -195,7 +195,7 @@ def _factor_one(method: str, key: str, graph: Graph, layer: Layer, ranks: tuple[
 
 _COMMON = {
     "rank": Option(str, None, "ranks: an int, a tuple (16,8), or evbmf / evbmf(weaken=0.8)"),
-    "ratio": Option(float, None, "constant parameter-reduction rate per layer (musco, §6.2)"),
+    "ratio": Option(float, None, "constant parameter-reduction rate per layer (musco)"),
     "energy": Option(float, None, "keep the smallest rank with this fraction of spectral energy, in (0, 1]"),
     "budget": Option(str, None, "global: params:<fraction> or flops:<fraction> of the factored layers"),
     "weaken": Option(float, None, "with rank=evbmf: R - w(R - R_evbmf)"),
@@ -223,19 +223,19 @@ def _register(method: str, doc: str, extra: dict[str, Option]) -> None:
     register(method, {**_COMMON, **extra})(run)
 
 
-_register("svd", "Truncated SVD of Linear / Gemm / MatMul and 1x1 conv layers into two factors (§1); "
-                 "data=true: SVD-Sigma, the closed form on calibration data (§8).", dict(_DATA))
-_register("spatial_svd", "kxk conv -> (kh x 1) then (1 x kw) conv (Jaderberg / AIMET spatial SVD, §2).", {})
+_register("svd", "Truncated SVD of Linear / Gemm / MatMul and 1x1 conv layers into two factors; "
+                 "data=true: SVD-Sigma, the closed form on calibration data.", dict(_DATA))
+_register("spatial_svd", "kxk conv -> (kh x 1) then (1 x kw) conv (Jaderberg / AIMET spatial SVD).", {})
 # HOSVD is already close to the HOOI optimum; a few sweeps get the rest. Each sweep costs two full
 # SVDs (tensorly's HOOI loop ignores its svd= argument; only the HOSVD init uses gram_svd)
-_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al., §3); data=true: "
-                     "Tucker-2-ALS-Sigma from the HOOI result (§8).", {
+_register("tucker2", "kxk conv -> 1x1 -> kxk core -> 1x1 (Tucker-2 by HOOI, Kim et al.); data=true: "
+                     "Tucker-2-ALS-Sigma from the HOOI result.", {
     **_iterative(3, 1e-6), **_DATA,
     "data_iter_max": Option(int, 3, "data=true: Sigma-ALS sweeps after HOOI (each: a CG solve for U_S, U_T and "
                             "the core in closed form)")})
 # ALS sweeps use line search (see als_einsum): 100 of them fit ResNet-18's 3x3 kernels at ratio 4 about
 # as well as 500 plain sweeps, and keep CP-EPC of all its 3x3 convs within minutes on 2 cores.
-_register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable depthwise (CP4); ALS or EPC (§4).", {
+_register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable depthwise (CP4); ALS or EPC.", {
     **_iterative(100, 1e-8),
     "epc_iter_max": Option(int, 100, "method=epc: maximum error-preserving correction sweeps"),
     "variant": Option(str, "cp3", "cp3 (one depthwise kxk) or cp4 (kh x 1 then 1 x kw)"),
@@ -243,4 +243,4 @@ _register("cp", "kxk conv -> 1x1 -> depthwise -> 1x1 (CP3) or with separable dep
     **_DATA,
     "data_iter_max": Option(int, 10, "data=true: CP-ALS-Sigma sweeps after the weight-only CP (CG per factor)"),
 })
-_register("tt", "Linear / Gemm -> Tensor-Train matrix (TT-SVD), an einsum chain (§5).", {})
+_register("tt", "Linear / Gemm -> Tensor-Train matrix (TT-SVD), an einsum chain.", {})

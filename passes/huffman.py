@@ -1,4 +1,4 @@
-"""huffman: Huffman-code the cluster indices of the kmeans pass (algorithms.md §11).
+"""huffman: Huffman-code the cluster indices of the kmeans pass (docs/methods.md#kmeans).
 
 The numbers do not change: the pass marks the graph so that saving as `.tfz` writes
 canonical Huffman bitstreams instead of fixed-width indices, and reports per layer the

@@ -1,4 +1,4 @@
-"""kmeans: weight sharing (algorithms.md §11, seed recipe): conv/linear weights in [-1, 1] become
+"""kmeans: weight sharing (docs/methods.md#kmeans): conv/linear weights in [-1, 1] become
 indices into a k-means codebook; outliers and biases 16-bit uniform. Params are unchanged:
 the graph holds the shared values (so it runs as before); a `.tfz` file stores the indices."""
 from __future__ import annotations

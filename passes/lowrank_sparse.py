@@ -1,4 +1,6 @@
-"""lowrank_sparse: a conv/linear layer -> a channel-pruned copy + a rank-L pair, summed (Ma et al. 2019, §9).
+"""lowrank_sparse: a conv/linear layer -> a channel-pruned copy + a rank-L pair, summed (Ma et al. 2019).
+
+Math: docs/methods.md#lowrank_sparse.
 
 The math (ADMM on the layer's calibration patches) is in `decompose/lowrank_sparse.py`; this
 module picks layers and targets, gathers each layer's data through the graph view, emits
@@ -53,7 +55,7 @@ DEFAULT_RATIO = 2.0
     "exclude": Option(str, "", "glob patterns on layer names, separated by |"),
 })
 def lowrank_sparse(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
-    """Unified low-rank + sparse (§9): channel-pruned conv + rank-L pair, fitted by ADMM on calibration data."""
+    """Unified low-rank + sparse: channel-pruned conv + rank-L pair, fitted by ADMM on calibration data."""
     feeds = require_calibration("lowrank_sparse", context.inputs.calibration)
     _check_options(options)
     fit_feeds, held_out = split_feeds(feeds)

@@ -1,4 +1,4 @@
-"""Global rank allocation under a params or FLOPs budget (algorithms.md §6.3).
+"""Global rank allocation under a params or FLOPs budget (docs/methods.md#budget).
 
 Zhang et al. (2015) maximise prod_l sum_{a <= r_l} sigma_{l,a} under a FLOP budget by greedy
 removal. Here every layer starts at its maximum ranks and the allocator repeatedly removes

@@ -1,15 +1,16 @@
-"""Rank policies, kept apart from the decompositions (algorithms.md §6, §13).
+"""Rank policies, kept apart from the decompositions (docs/methods.md#rank-policies, docs/methods.md#pitfalls).
 
 Per layer: `FixedRank` (rank=<int|tuple>), `Ratio` (musco's constant compression rate,
-§6.2), `Energy` (smallest rank keeping a fraction tau of the spectral energy, §6.3) and
-`Evbmf` (§6.1, optionally weakened). Across layers: `allocate_budget` spends a params or
-FLOPs budget greedily (Zhang et al. 2015, §6.3). Ranks are tuples, one entry per rank of
+docs/methods.md#ratio), `Energy` (smallest rank keeping a fraction tau of the spectral
+energy, docs/methods.md#energy) and
+`Evbmf` (docs/methods.md#evbmf, optionally weakened). Across layers: `allocate_budget` spends a params or
+FLOPs budget greedily (Zhang et al. 2015, docs/methods.md#budget). Ranks are tuples, one entry per rank of
 the method: (r,) for svd / spatial_svd / cp3 / cp4, (R_T, R_S) for tucker2, the inner
 bond ranks for tt; ranks of grouped convs are per group.
 
-Automatic ranks are raised to the method's minimum when the layer allows (§6.2: 2 for CP,
+Automatic ranks are raised to the method's minimum when the layer allows (docs/methods.md#ratio: 2 for CP,
 8 for svd and Tucker-2; we also use 8 for spatial_svd, an SVD too, and 2 for tt bonds) and
-every rank is clamped to the layer's maximum (§13); both are reported in `RankChoice.note`.
+every rank is clamped to the layer's maximum (docs/methods.md#pitfalls); both are reported in `RankChoice.note`.
 """
 from __future__ import annotations
 
@@ -80,11 +81,11 @@ def _unfold_out(kernel: np.ndarray) -> np.ndarray:  # K(1) = T x S k^2 (also a L
     return kernel.reshape(kernel.shape[0], -1)
 
 
-def _unfold_in(kernel: np.ndarray) -> np.ndarray:  # unfold_1 = S x T k^2 (§6.1: Tucker-2 needs both)
+def _unfold_in(kernel: np.ndarray) -> np.ndarray:  # unfold_1 = S x T k^2 (docs/methods.md#evbmf: Tucker-2 needs both)
     return kernel.swapaxes(0, 1).reshape(kernel.shape[1], -1)
 
 
-def _unfold_spatial(kernel: np.ndarray) -> np.ndarray:  # M = S kh x T kw (§2)
+def _unfold_spatial(kernel: np.ndarray) -> np.ndarray:  # M = S kh x T kw (docs/methods.md#spatial_svd)
     return kernel.transpose(1, 2, 0, 3).reshape(kernel.shape[1] * kernel.shape[2], -1)
 
 
@@ -135,12 +136,12 @@ def _method(name: str) -> MethodInfo:
 
 
 def max_ranks(method: str, spec: Spec) -> tuple[int, ...]:
-    """Per-rank upper bounds of `method` on `spec` (R_S <= min(S, T k^2), r <= min(in, out), §13)."""
+    """Per-rank upper bounds of `method` on `spec` (R_S <= min(S, T k^2), r <= min(in, out); docs/methods.md#pitfalls)."""
     return tuple(_method(method).max_ranks(spec))
 
 
 def min_ranks(method: str, spec: Spec) -> tuple[int, ...]:
-    """The method's minimum rank (§6.2), lowered where the layer's maximum is smaller."""
+    """The method's minimum rank (docs/methods.md#ratio), lowered where the layer's maximum is smaller."""
     return tuple(min(_method(method).min_rank, bound) for bound in max_ranks(method, spec))
 
 
@@ -184,7 +185,7 @@ def _fixed(policy: FixedRank, method: str, spec: Spec) -> tuple[int, ...]:
 
 
 def _ratio(rate: float, method: str, spec: Spec) -> tuple[int, ...]:
-    """musco's constant-rate ranks (§6.2): params(ranks) <= original weight params / rate."""
+    """musco's constant-rate ranks (docs/methods.md#ratio): params(ranks) <= original weight params / rate."""
     target = np.asarray(spec.weight).size / rate if method != "tt" else spec.in_features * spec.out_features / rate
     if method == "tucker2":
         # R_T = beta R_S, beta = max(0.8 T/S, 1): solve beta k^2 R^2 + (S + beta T) R = P/rate per group
@@ -203,7 +204,7 @@ def _ratio(rate: float, method: str, spec: Spec) -> tuple[int, ...]:
 
 
 def _energy(tau: float, method: str, spec: Spec) -> tuple[int, ...]:
-    """Per rank, the smallest r whose leading sigma^2 hold a fraction >= tau of the total (§6.3)."""
+    """Per rank, the smallest r whose leading sigma^2 hold a fraction >= tau of the total (docs/methods.md#energy)."""
     ranks = []
     for energies in rank_spectra(method, spec):
         kept = np.cumsum(energies) / max(float(np.sum(energies)), 1e-300)
@@ -282,7 +283,7 @@ def parse_rank_policy(value: object) -> RankPolicy:
 
 
 def reduces_cost(original: Spec, factored: Sequence[Spec], in_shape: Sequence[int]) -> bool:
-    """True if the factor chain has both fewer params and fewer FLOPs than `original` (§13)."""
+    """True if the factor chain has both fewer params and fewer FLOPs than `original` (docs/methods.md#pitfalls)."""
     before, after = cost(original, in_shape), chain_cost(factored, in_shape)
     return after.params < before.params and after.flops < before.flops
 

@@ -1,7 +1,7 @@
 """TVM: a built artifact's library in a Relax VM, here (`tvm`) or on a remote device over RPC (`tvm-rpc`).
 
 Both run the VM's stateful interface (set_input / invoke_stateful / get_outputs): over
-RPC a returned tuple is not subscriptable (toolchain.md), and one interface for both
+RPC a returned tuple is not subscriptable (docs/toolchain.md#rpc-and-qemu), and one interface for both
 keeps the two engines' numbers comparable.
 """
 from __future__ import annotations

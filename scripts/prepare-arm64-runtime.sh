@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare an aarch64 Python 3.11 with the TVM runtime, run under qemu-aarch64 (toolchain.md,
+# Prepare an aarch64 Python 3.11 with the TVM runtime, run under qemu-aarch64 (docs/toolchain.md#rpc-and-qemu,
 # "ARM64 under qemu"). `tensorfold rpc-server --qemu-arm64` and the arm64 tests use it.
 #
 #   needs: apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user debootstrap

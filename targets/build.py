@@ -2,7 +2,7 @@
 
 The pipeline is the one `relax.get_pipeline("static_shape_tuning")` runs, spelled out so
 that tuning can skip tasks the database already holds and use our builder and runner
-(that pipeline takes neither and stalled here, toolchain.md). On CPU the weights are
+(that pipeline takes neither and stalled here, docs/toolchain.md#tvm). On CPU the weights are
 prepacked: tuned schedules may rewrite a weight's layout, and with the weights bound as
 constants FoldConstant does the rewrite once at build time, so the library keeps the
 plain `main(inputs...)` interface (no `main_transform_params` step at load).

@@ -1,4 +1,4 @@
-"""An aarch64 TVM RPC server under qemu-aarch64 on loopback (toolchain.md, "RPC").
+"""An aarch64 TVM RPC server under qemu-aarch64 on loopback (docs/toolchain.md#rpc-and-qemu).
 
 The aarch64 Python + TVM runtime comes from scripts/prepare-arm64-runtime.sh. TVM's
 rpc_server re-executes `sys.executable` for its workers, so a small launcher, run by the
@@ -43,7 +43,7 @@ def missing_runtime() -> str | None:
 def _write_wrapper(directory: Path, root: Path) -> Path:
     rootfs, site = root / "rootfs", root / "site"
     wrapper = directory / "python-aarch64"
-    # binfmt is not mounted here: qemu is called explicitly (toolchain.md).
+    # binfmt is not mounted here: qemu is called explicitly (docs/toolchain.md#rpc-and-qemu).
     wrapper.write_text("#!/bin/sh\n"
                        f"PYTHONPATH='{site}' TVM_USE_RUNTIME_LIB=1 exec qemu-aarch64 -L '{rootfs}' "
                        f"'{rootfs}/usr/bin/python3.11' \"$@\"\n")

@@ -111,7 +111,7 @@ def _x86(mcpu: str | None) -> Target:
     import tvm
 
     if mcpu is None:
-        # {"mcpu": "native"} silently falls back to a generic CPU (toolchain.md): ask LLVM.
+        # {"mcpu": "native"} silently falls back to a generic CPU (docs/toolchain.md#tvm): ask LLVM.
         spec = dict(tvm.target.Target.from_device(tvm.cpu()).export())
         spec = {k: v for k, v in spec.items() if k in ("kind", "mtriple", "mcpu", "mattr")}
         name, description = "x86", f"this host ({spec.get('mcpu', 'generic')}), run in-process"

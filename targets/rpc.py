@@ -208,7 +208,7 @@ class ManagedProcess:
 
 def stop_group(pid: int, grace: float = 3.0) -> bool:
     """SIGTERM the process group led by `pid`, then SIGKILL what is left. False if it was gone."""
-    # Killing only the parent leaves the RPC workers holding the port (toolchain.md).
+    # Killing only the parent leaves the RPC workers holding the port (docs/toolchain.md#rpc-and-qemu).
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:

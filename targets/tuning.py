@@ -24,7 +24,7 @@ from .tuning_profile import profile_tasks
 from .tuning_spaces import spaces
 from .tuning_progress import TrialProgress, native_stderr_to
 
-TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (toolchain.md)
+TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (docs/toolchain.md#metaschedule)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from tensorfold.ir.errors import TensorfoldError
 
 TRAIN_HELP = ("labelled training data for finetune / musco steps: a task name (its training split) or an ImageFolder "
               "directory (default when MODEL is a task: its training split; the test set stays held out)")
+METHODS_DOC = "docs/methods.md"  # one section per pass, headed by its name
 CALIBRATION_HELP = ("calibration data for data-driven passes (int8): a .npy array, an ImageFolder directory or a "
                     "task name (default when MODEL is a task: its calibration split, from its training data)")
 
@@ -78,6 +79,7 @@ def _passes(args: argparse.Namespace) -> int:
 
     for name, info in sorted(load_all().items()):
         print(f"{name}: {info.doc.splitlines()[0] if info.doc else ''}")
+        print(f"    docs: {METHODS_DOC}#{name}")
         for key, option in info.options.items():
             print(f"    {key}=<{option.type.__name__}> (default {option.default!r}): {option.help}")
     return 0

@@ -73,7 +73,7 @@ def count_batchnorm_nodes_onnx(model: onnx.ModelProto) -> int:
 
 
 def export_to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> str:
-    """torch -> ONNX that keeps its BatchNormalization nodes (toolchain.md: constant folding would fold them)."""
+    """torch -> ONNX that keeps its BatchNormalization nodes (constant folding would fold them: docs/toolchain.md#onnx-export)."""
     torch.onnx.export(model.eval(), (example,), os.fspath(path), dynamo=False, do_constant_folding=False,
                       input_names=["input"], output_names=["output"], opset_version=17)
     return os.fspath(path)

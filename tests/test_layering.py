@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# folder -> the tensorfold subpackages it may import (../shared/design.md, "Layout")
+# folder -> the tensorfold subpackages it may import (docs/architecture.md#layout)
 ALLOWED = {
     "ir": {"ir"},
     "passes": {"ir", "passes"},

@@ -1,4 +1,4 @@
-"""Pure factorization math: layer specs in, factor layer specs out (algorithms.md §1-5).
+"""Pure factorization math: layer specs in, factor layer specs out (docs/methods.md).
 
 No graph surgery here: a pass picks the layers and the ranks (`tensorfold.passes.rank_policy`)
 and splices the returned specs into the graph. Every method works in float64 and stores the

@@ -1,6 +1,6 @@
 """Helpers shared by the factorization methods: argument checks, group slicing, casting.
 
-Every method works per group (algorithms.md §3, §13: musco never checks `groups`; we
+Every method works per group (docs/methods.md#tucker2, docs/methods.md#pitfalls: musco never checks `groups`; we
 decompose each group's sub-kernel and emit grouped factor convs), so ranks are per group.
 """
 from __future__ import annotations

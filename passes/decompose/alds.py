@@ -1,11 +1,11 @@
-"""ALDS: k chunks of the input channels, each factored by SVD at rank j (algorithms.md §6.4).
+"""ALDS: k chunks of the input channels, each factored by SVD at rank j (docs/methods.md#alds).
 
 Liebenwein et al., NeurIPS 2021. A conv kernel folds to W = K.reshape(T, S*kh*kw); its
 columns are ordered input channel first, so k contiguous column blocks W_1..W_k are k
 contiguous chunks of S/k input channels. Each W_i ~ U_i V_i^T at rank j becomes
 Conv(S->k*j, the original kernel, stride, padding and dilation, groups=k, no bias) ->
 1x1 Conv(k*j->T, bias): group i of the first conv holds V_i^T, the 1x1 conv [U_1 .. U_k].
-k = 1 is the SVD conv pair of §1. A Linear layer has no grouped form among the specs
+k = 1 is the SVD conv pair of docs/methods.md#svd. A Linear layer has no grouped form among the specs
 (a grouped Linear would need a reshape around it), so it takes k = 1 only.
 
 Error: with E_i = W_i - Ŵ_i, ||[E_1 .. E_k]||_2^2 = ||sum_i E_i E_i^T||_2, hence
@@ -95,7 +95,7 @@ def spectral_norm(matrix: np.ndarray) -> float:
 
 
 def _balanced_factors(block: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(S^1/2 V^T, U S^1/2) at `rank` as in svd_factors (§1), via the Gram matrix for speed (see chunk_spectra)."""
+    """(S^1/2 V^T, U S^1/2) at `rank` as in svd_factors (docs/methods.md#svd), via the Gram matrix for speed (see chunk_spectra)."""
     left, values, right_t = gram_svd(block, rank)
     root = np.sqrt(values)
     return root[:, None] * right_t, left * root[None, :]

@@ -1,4 +1,4 @@
-"""CP-ALS with a Khatri-Rao-free MTTKRP (algorithms.md §4). Pure math, no graph code.
+"""CP-ALS with a Khatri-Rao-free MTTKRP (docs/methods.md#cp). Pure math, no graph code.
 
 Why not tensorly's `parafac`: its MTTKRP is `unfold(X, n) @ khatri_rao(others)`, which builds
 the full Khatri-Rao product. For a 512x512x3x3 ResNet-18 kernel in CP3 at rank 570 (ratio=4)

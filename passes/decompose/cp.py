@@ -1,11 +1,11 @@
-"""CP decomposition of a conv kernel: CP3 and CP4 (algorithms.md §4).
+"""CP decomposition of a conv kernel: CP3 and CP4 (docs/methods.md#cp).
 
 CP3 decomposes the (T, S, kh*kw) reshape of the kernel: 1x1 (S->R) -> depthwise kh x kw
 (full stride, padding, dilation) -> 1x1 (R->T, bias), the MobileNet block shape. CP4
 decomposes the 4-way (T, S, kh, kw) kernel: 1x1 -> depthwise (kh x 1) -> depthwise (1 x kw)
--> 1x1. lambda is folded into the first factor (§4). Grouped convs are decomposed per
+-> 1x1. lambda is folded into the first factor (docs/methods.md#cp). Grouped convs are decomposed per
 group (rank per group). CP-ALS runs in float64 (ALS is initialisation dependent and slow;
-float32 makes it worse, §4 pitfalls) in `cp_als.cp_als_einsum`, tensorly's parafac iteration
+float32 makes it worse; docs/methods.md#cp) in `cp_als.cp_als_einsum`, tensorly's parafac iteration
 without its Khatri-Rao MTTKRP (1.2 GB per sweep on a 512x512x3x3 kernel; see that module).
 
 At the largest rank (`cp_max_rank`) an exact CP is built by slicing instead of ALS: the
@@ -105,7 +105,7 @@ def cp_max_rank(conv: Conv, variant: str = "cp3") -> int:
 
 
 def cp_params(conv: Conv, rank: int, variant: str = "cp3") -> int:
-    """R(S + k^2 + T) for CP3, R(S + kh + kw + T) for CP4 (§4), summed over groups, no bias."""
+    """R(S + k^2 + T) for CP3, R(S + kh + kw + T) for CP4 (docs/methods.md#cp), summed over groups, no bias."""
     return conv.groups * rank * sum(cp_kernel_shape(conv, variant))
 
 
@@ -121,7 +121,7 @@ def cp_realise(conv: Conv, per_group: list[CPFactors], variant: str) -> list[Spe
     dims, groups = conv.spatial_dims, conv.groups
     unit, flat = ones(dims), no_padding(dims)
     rank = per_group[0][0].shape[0]
-    # lambda goes into the first factor layer (§4); factors[1] is the input-channel mode
+    # lambda goes into the first factor layer (docs/methods.md#cp); factors[1] is the input-channel mode
     first_w = stack_groups([(f[1] * w[None, :]).T.reshape(rank, -1, *unit) for w, f in per_group])
     last_w = stack_groups([f[0].reshape(f[0].shape[0], rank, *unit) for _, f in per_group])
     first = Conv(as_weight(first_w), None, stride=unit, padding=flat, dilation=unit, groups=groups)

@@ -1,4 +1,4 @@
-"""CPD-EPC: CP with minimal sensitivity at the ALS error (Phan et al., ECCV 2020; algorithms.md §4).
+"""CPD-EPC: CP with minimal sensitivity at the ALS error (Phan et al., ECCV 2020; docs/methods.md#cp).
 
 Degenerate ALS solutions hold large rank-1 terms that cancel each other; fine-tuning such
 layers is unstable. EPC keeps the ALS error delta = ||K - K_ALS|| as a bound and minimises the
@@ -62,7 +62,7 @@ def balance(weights: np.ndarray, factors: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _constrained_least_norm(y_norm2: float, gram: np.ndarray, product: np.ndarray, bound2: float) -> np.ndarray:
-    """min ||A||^2 s.t. ||Y - A Z^T||^2 <= bound2, given Gamma = Z^T Z and G = Y Z (§4)."""
+    """min ||A||^2 s.t. ||Y - A Z^T||^2 <= bound2, given Gamma = Z^T Z and G = Y Z (docs/methods.md#cp)."""
     eigvals, eigvecs = np.linalg.eigh(gram)
     eigvals = np.clip(eigvals, 0.0, None)
     rotated = product @ eigvecs

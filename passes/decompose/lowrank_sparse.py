@@ -1,4 +1,6 @@
-"""Unified low-rank + sparse approximation of a layer on its data (Ma et al., ICTAI 2019; algorithms.md §9).
+"""Unified low-rank + sparse approximation of a layer on its data (Ma et al., ICTAI 2019).
+
+Math: docs/methods.md#lowrank_sparse.
 
 W (T x D, D = S*g: a conv's unfolded kernel, g = k^2 taps per input channel; a Linear's weight, g = 1)
 is approximated by A + B: A keeps whole column groups (input channels) and B has rank L, so that

@@ -1,9 +1,9 @@
-"""Spatial SVD of a kh x kw conv into (kh x 1) then (1 x kw) convs (Jaderberg 2014; algorithms.md §2).
+"""Spatial SVD of a kh x kw conv into (kh x 1) then (1 x kw) convs (Jaderberg 2014; docs/methods.md#spatial_svd).
 
 M = K.transpose(1,2,0,3).reshape(S*kh, T*kw) ~= V H^T at rank r. The first conv carries the
 vertical half of stride, padding and dilation, the second the horizontal half; the split is
 exact with dilation and with asymmetric (begin, end) padding too, because the first conv has
-no bias: zero rows padded before it stay zero after it (§13). Ranks are per group; a
+no bias: zero rows padded before it stay zero after it (docs/methods.md#pitfalls). Ranks are per group; a
 depthwise kernel factors into a separable kernel pair.
 """
 from __future__ import annotations

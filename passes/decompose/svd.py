@@ -1,10 +1,10 @@
-"""Truncated SVD of a Linear or conv layer (algorithms.md §1).
+"""Truncated SVD of a Linear or conv layer (docs/methods.md#svd).
 
 A Linear W (out x in) becomes Linear(in->r) -> Linear(r->out, bias). A conv is factored
 through its im2col unfolding K(1) = K.reshape(T, -1): Conv(S->r, the original kernel,
 stride, padding and dilation, no bias) -> 1x1 Conv(r->T, bias). For a 1x1 conv that is the
-1x1 -> 1x1 pair of §1 with the stride (fewer FLOPs) and the padding on the first conv: the
-first conv has no bias, so padded positions stay zero and the result is exact (§13).
+1x1 -> 1x1 pair of docs/methods.md#svd with the stride (fewer FLOPs) and the padding on the first conv: the
+first conv has no bias, so padded positions stay zero and the result is exact (docs/methods.md#pitfalls).
 Ranks are per group for grouped convs.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ._common import (NotFactorable, as_bias, as_weight, check_rank, group_kerne
 def svd_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """(W1, W2) with matrix ~= W2 @ W1, W1: (rank, in), W2: (out, rank), in float64.
 
-    Balanced split W1 = S^1/2 V^T, W2 = U S^1/2 (§1): both factors get the same scale, which
+    Balanced split W1 = S^1/2 V^T, W2 = U S^1/2 (docs/methods.md#svd): both factors get the same scale, which
     keeps float32 storage and later fine-tuning well conditioned.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -44,7 +44,7 @@ def check_svd(spec: Spec) -> str | None:
 
 
 def svd_max_rank(spec: Linear | Conv) -> int:
-    """Largest useful rank, per group: r <= min(in, out) of the (unfolded) matrix (§13)."""
+    """Largest useful rank, per group: r <= min(in, out) of the (unfolded) matrix (docs/methods.md#pitfalls)."""
     if isinstance(spec, Linear):
         return min(spec.in_features, spec.out_features)
     per_group_in = int(np.prod(spec.weight.shape[1:]))
@@ -52,7 +52,7 @@ def svd_max_rank(spec: Linear | Conv) -> int:
 
 
 def svd_params(spec: Linear | Conv, rank: int) -> int:
-    """Weights of the two factors (bias excluded): r(in + out) summed over groups (§1)."""
+    """Weights of the two factors (bias excluded): r(in + out) summed over groups (docs/methods.md#svd)."""
     if isinstance(spec, Linear):
         return rank * (spec.in_features + spec.out_features)
     per_group_in = int(np.prod(spec.weight.shape[1:]))

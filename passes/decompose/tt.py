@@ -1,4 +1,4 @@
-"""Tensor-Train matrix factorisation of a Linear layer (Novikov et al. 2015; algorithms.md §5).
+"""Tensor-Train matrix factorisation of a Linear layer (Novikov et al. 2015; docs/methods.md#tt).
 
 out = prod(m_k), in = prod(n_k); W[(i), (j)] = G_1[i_1, j_1] ... G_d[i_d, j_d] with cores
 G_k: (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1, computed by TT-SVD (tensorly's

@@ -1,9 +1,9 @@
-"""Tucker-2 of a conv kernel over its channel modes (Kim et al. 2016; algorithms.md §3).
+"""Tucker-2 of a conv kernel over its channel modes (Kim et al. 2016; docs/methods.md#tucker2).
 
 K ~= G x1 U_T x2 U_S, computed by tensorly's `partial_tucker` (HOOI, HOSVD init). Layers:
 1x1 (S->R_S) -> core conv (R_S->R_T, original kernel, stride, padding, dilation) -> 1x1
-(R_T->T, bias). Only the core conv pads; the first 1x1 has no bias, so it stays exact (§13).
-Grouped convs are decomposed per group into three grouped convs (verified exact, §3); the
+(R_T->T, bias). Only the core conv pads; the first 1x1 has no bias, so it stays exact (docs/methods.md#pitfalls).
+Grouped convs are decomposed per group into three grouped convs (verified exact, docs/methods.md#tucker2); the
 ranks (R_T, R_S) are per group. Works for 1-D and 2-D convs.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def tucker2_factors(kernel: np.ndarray, ranks: tuple[int, int], n_iter_max: int 
                     tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(core, U_T, U_S) of a (T, S, *k) kernel in float64; core: (R_T, R_S, *k).
 
-    tensorly 0.9+ returns ((core, factors), errors) from partial_tucker (§3).
+    tensorly 0.9+ returns ((core, factors), errors) from partial_tucker (docs/methods.md#tucker2).
     """
     kernel = np.asarray(kernel, dtype=np.float64)
     with tl.backend_context("numpy"), warnings.catch_warnings():
@@ -46,14 +46,14 @@ def check_tucker2(spec: Spec) -> str | None:
 
 
 def tucker2_max_ranks(conv: Conv) -> tuple[int, int]:
-    """(R_T, R_S) bounds per group: R_T <= min(T, S*k^2), R_S <= min(S, T*k^2) (§13)."""
+    """(R_T, R_S) bounds per group: R_T <= min(T, S*k^2), R_S <= min(S, T*k^2) (docs/methods.md#pitfalls)."""
     per_out, per_in = conv.out_channels // conv.groups, conv.weight.shape[1]
     taps = int(np.prod(conv.kernel_size))
     return min(per_out, per_in * taps), min(per_in, per_out * taps)
 
 
 def tucker2_params(conv: Conv, ranks: tuple[int, int]) -> int:
-    """S*R_S + k^2*R_S*R_T + T*R_T summed over groups (bias excluded, §3)."""
+    """S*R_S + k^2*R_S*R_T + T*R_T summed over groups (bias excluded, docs/methods.md#tucker2)."""
     rank_out, rank_in = ranks
     taps = int(np.prod(conv.kernel_size))
     per_out, per_in = conv.out_channels // conv.groups, conv.weight.shape[1]

@@ -1,4 +1,4 @@
-"""EVBMF (algorithms.md §6.1) recovers the rank and noise level of low-rank-plus-noise matrices."""
+"""EVBMF (docs/methods.md#evbmf) recovers the rank and noise level of low-rank-plus-noise matrices."""
 from __future__ import annotations
 
 import warnings

@@ -1,6 +1,6 @@
-"""lowrank_sparse (Ma et al. 2019, §9): the ADMM math on planted structure, the emitted graph read back
-from the graph itself and recomputed as one dense conv, true reports, and what must still work after it
-(onnxruntime, int8, .pt2, .tfz, a TVM build)."""
+"""lowrank_sparse (Ma et al. 2019; docs/methods.md#lowrank_sparse): the ADMM math on planted structure,
+the emitted graph read back from the graph itself and recomputed as one dense conv, true reports, and
+what must still work after it (onnxruntime, int8, .pt2, .tfz, a TVM build)."""
 from __future__ import annotations
 
 import warnings

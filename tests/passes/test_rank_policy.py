@@ -1,4 +1,5 @@
-"""Rank policies (algorithms.md §6, §13): ratio, energy, EVBMF, clamping, and the global budget."""
+"""Rank policies: ratio, energy, EVBMF, clamping, and the global budget
+(docs/methods.md#rank-policies, docs/methods.md#pitfalls)."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,7 @@ LINEAR = Linear(np.random.default_rng(1).standard_normal((64, 48)))
 def test_ratio_gives_the_claimed_param_reduction(method, spec, rate):
     choice = rp.select_ranks(rp.Ratio(rate), method, spec)
     target = spec.weight.size / rate
-    if choice.note:  # the formula went below the method's minimum rank (§6.2)
+    if choice.note:  # the formula went below the method's minimum rank (docs/methods.md#ratio)
         assert "minimum" in choice.note and min(choice.ranks) == min(rp.min_ranks(method, spec))
         return
     params = rp.factor_params(method, spec, choice.ranks)
