@@ -7,6 +7,7 @@ once on inputs already placed on the device and returns the seconds it took.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -61,3 +62,20 @@ def default_threads() -> int:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except ImportError:
         return os.cpu_count() or 1
+
+
+def onnx_bytes(graph) -> bytes:
+    """The candidate as a serialized ONNX model (a torch graph exported first), for the engines that load ONNX."""
+    if graph is None:
+        raise EngineUnavailable("an artifact alone has no ONNX model")
+    try:
+        to_onnx = getattr(graph, "to_onnx", None)
+        if to_onnx is not None:
+            return to_onnx().SerializeToString()
+        with tempfile.TemporaryDirectory(prefix="tensorfold-onnx-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            graph.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+    except Exception as e:  # noqa: BLE001
+        raise EngineUnavailable(f"{graph.source}: export to ONNX failed: {e}") from e

@@ -78,6 +78,9 @@ class MeasureReport:
         for row in self.rows:
             latency, accuracy, fid = row.get("latency") or {}, row.get("accuracy") or {}, row.get("fidelity") or {}
             note = row.get("reason") or ""
+            if row.get("precision"):  # OpenVINO: the precision it chose, and the layers that run int8
+                note = f"{row['precision']}" + (f", {row['int8_layers']} of {row['compute_layers']} conv/matmul int8"
+                                                if row.get("int8_layers") else "") + (f"; {note}" if note else "")
             if row.get("emulated"):
                 note = "emulated (qemu): times are not device times" + (f"; {note}" if note else "")
             if row["status"] != OK:

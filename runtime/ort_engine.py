@@ -1,37 +1,19 @@
 """onnxruntime on the CPU: ONNX graphs as they are, torch graphs exported to a temporary .onnx first."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import numpy as np
 
-from .engines import EngineFailed, EngineUnavailable, Inputs, Runner
+from .engines import EngineFailed, Inputs, Runner, onnx_bytes
 
 NAME = "onnxruntime"
-
-
-def _onnx_bytes(graph) -> bytes:
-    to_onnx = getattr(graph, "to_onnx", None)
-    if to_onnx is not None:
-        return to_onnx().SerializeToString()
-    with tempfile.TemporaryDirectory(prefix="tensorfold-ort-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        graph.save(path)
-        with open(path, "rb") as f:
-            return f.read()
 
 
 def prepare(graph, threads: int) -> Runner:
     import onnxruntime as ort
 
-    if graph is None:
-        raise EngineUnavailable("an artifact alone has no ONNX model")
-    try:
-        model = _onnx_bytes(graph)
-    except Exception as e:  # noqa: BLE001
-        raise EngineUnavailable(f"{graph.source}: export to ONNX failed: {e}") from e
+    model = onnx_bytes(graph)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -196,7 +196,8 @@ def _measure(args: argparse.Namespace) -> int:
                          tune_trials=args.tune_trials, report=args.report, passes=args.passes,
                          rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, rpc_timeout=args.rpc_timeout,
                          work_dir=args.work_dir, threads=args.threads, limit=args.limit, progress=not args.quiet,
-                         calibration=_calibration(args), train_data=_train_data(args))
+                         calibration=_calibration(args), train_data=_train_data(args),
+                         engines=_engine_list(args.engines))
     except MeasureError as e:
         e.report.print()
         if args.report:
@@ -206,6 +207,10 @@ def _measure(args: argparse.Namespace) -> int:
     if args.report:
         print(f"wrote {', '.join(report.files)}")
     return 0
+
+
+def _engine_list(text: str | None) -> list[str] | None:
+    return None if text is None else [e.strip() for e in text.split(",") if e.strip()]
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -340,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for builds (0: untuned)")
     measure.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
     measure.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    measure.add_argument("--engines", metavar="LIST",
+                         help="comma-separated engines to measure where a target offers them: torch, onnxruntime, "
+                              "tvm, openvino-fp32, openvino (its default precision), tvm-rpc (default: every engine "
+                              "each target offers; OpenVINO's on x86 when installed: pip install -e \".[openvino]\")")
     measure.add_argument("--threads", type=int, help="threads for every host engine (default: physical cores)")
     measure.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker for remote targets "
                          "(default 127.0.0.1:9190), or direct:HOST:PORT for one RPC server")

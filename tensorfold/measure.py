@@ -1,7 +1,8 @@
 """`tf.measure`: candidates x engines x targets, timed interleaved, accuracy from each engine's own outputs.
 
 Per target: build what is not built yet, prepare every engine the target offers (this
-machine: torch eager, onnxruntime, TVM; a remote device: TVM over RPC), run the evaluation
+machine: torch eager, onnxruntime, TVM, and on x86 OpenVINO when its extra is installed; a remote
+device: TVM over RPC) or those of them named in `engines`, run the evaluation
 data through each (accuracy and fidelity come from those outputs), then time all runners
 in interleaved rounds. A target that fails (a server dying mid-measure) is recorded with
 what was completed; the other targets' results stay in the report.
@@ -19,7 +20,7 @@ from tensorfold.ir import Graph
 from tensorfold.ir.errors import TensorfoldError
 from tensorfold.passes.progress import progress_bar
 from tensorfold.runtime import accuracy as acc
-from tensorfold.runtime import ort_engine, torch_engine, tvm_engine
+from tensorfold.runtime import openvino_engine, ort_engine, torch_engine, tvm_engine
 from tensorfold.runtime.datasets import load_data
 from tensorfold.runtime.engines import EngineFailed, EngineUnavailable, Runner, default_threads
 from tensorfold.runtime.measure_report import FAILED, OK, UNAVAILABLE, MeasureReport
@@ -28,6 +29,7 @@ from tensorfold.targets import Artifact, Target, get_target
 from tensorfold.targets.rpc import RpcError, connect_direct, placed, request_session
 
 HOST_ENGINES = (torch_engine.NAME, ort_engine.NAME, tvm_engine.LOCAL)
+ENGINES = HOST_ENGINES + openvino_engine.ENGINES + (tvm_engine.REMOTE,)
 
 
 class MeasureError(TensorfoldError):
@@ -58,7 +60,7 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
             rpc_tracker: str | None = None, rpc_key: str | None = None, rpc_timeout: float = 5.0,
             work_dir: str | os.PathLike | None = None, threads: int | None = None, limit: int | None = None,
             random_samples: int = 8, progress: bool = True, strict: bool = True,
-            calibration: Any = None, train_data: Any = None) -> MeasureReport:
+            calibration: Any = None, train_data: Any = None, engines: Sequence[str] | None = None) -> MeasureReport:
     """Measure latency and accuracy of every candidate on every engine of every target.
 
     candidates: a model or a list of them (a Graph, an .onnx path, `torchvision:<arch>`, a factory
@@ -67,10 +69,12 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     graph compressed with this pipeline (calibrated on `calibration`, trained on `train_data` by
     finetune / musco steps, see tf.compress). data: a task name (its test set), an ImageFolder directory, (images,
     labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
-    called with each engine's outputs. rpc_tracker "HOST:PORT" + rpc_key: where remote targets
+    called with each engine's outputs. engines: measure only these (names in ENGINES) where a target
+    offers them; None: every engine each target offers (OpenVINO's on x86 when installed). rpc_tracker "HOST:PORT" + rpc_key: where remote targets
     (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError
     (its `.report` kept, and saved when `report` is given) when a target failed, unless strict=False.
     """
+    chosen = _chosen_engines(engines)
     threads = threads or default_threads()
     # TVM sizes its thread pool on first use from this variable: same count as torch and onnxruntime.
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
@@ -89,12 +93,13 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     result = MeasureReport(settings={
         "rounds": rounds, "warmup": warmup, "threads": threads, "data": data_name, "samples": int(len(images)),
         "tune_trials": tune_trials, "targets": [t.name for t in target_list], "work_dir": work,
+        "engines": {t.name: _engines(t, chosen) for t in target_list},
         "candidates": [c.name for c in pool], "interleaved": f"every runner once per round, per target, {GAP_S} s untimed pause between runners",
         "reference": None})
     outputs: dict[tuple[str, str, str], np.ndarray] = {}
     for target in target_list:
-        _measure_target(result, outputs, pool, target, images, labels, evaluator, rounds, warmup, tune_trials,
-                        work, threads, rpc_timeout, progress)
+        _measure_target(result, outputs, pool, target, _engines(target, chosen), images, labels, evaluator, rounds,
+                        warmup, tune_trials, work, threads, rpc_timeout, progress)
     _add_fidelity(result, outputs, pool[0].name)
     if report is not None:
         result.save(os.fspath(report))
@@ -150,18 +155,41 @@ def _candidate(model: Any, name: str) -> Candidate:
     return Candidate(name, resolve(text))
 
 
-def _engines(target: Target) -> list[str]:
+def _chosen_engines(engines: Sequence[str] | None) -> list[str] | None:
+    if engines is None:
+        return None
+    chosen = [engines] if isinstance(engines, str) else list(engines)
+    unknown = [e for e in chosen if e not in ENGINES]
+    if unknown or not chosen:
+        raise TensorfoldError(f"measure: unknown engine(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                              f"known: {', '.join(ENGINES)}")
+    if any(e in openvino_engine.ENGINES for e in chosen):
+        openvino_engine.require()  # named but not installed: say which extra, before anything is built
+    return chosen
+
+
+def _offered(target: Target) -> list[str]:
     if target.placement.kind != "local":
         return [tvm_engine.REMOTE]
-    return list(HOST_ENGINES) if target.device == "cpu" else [tvm_engine.LOCAL]
+    if target.device != "cpu":
+        return [tvm_engine.LOCAL]
+    return list(HOST_ENGINES) + (list(openvino_engine.ENGINES) if target.name.split(":")[0] == "x86" else [])
+
+
+def _engines(target: Target, chosen: list[str] | None = None) -> list[str]:
+    """The engines measured on `target`: those chosen that it offers, or by default all it offers
+    (OpenVINO's only where the package is installed)."""
+    offered = _offered(target)
+    if chosen is not None:
+        return [e for e in offered if e in chosen]
+    return [e for e in offered if e not in openvino_engine.ENGINES or openvino_engine.available()]
 
 
 # ---- one target ------------------------------------------------------------------------------
 
-def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate], target: Target,
+def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate], target: Target, engines: list[str],
                     images: np.ndarray, labels: np.ndarray | None, evaluator, rounds: int, warmup: int,
                     tune_trials: int, work: str, threads: int, rpc_timeout: float, progress: bool) -> None:
-    engines = _engines(target)
     rows = {(c.name, e): result.add(c.name, e, target.name, UNAVAILABLE) for c in pool for e in engines}
     completed: list[str] = []
     runners: list[tuple[Candidate, str, Runner]] = []
@@ -170,7 +198,7 @@ def _measure_target(result: MeasureReport, outputs: dict, pool: list[Candidate],
         if tvm_engine.REMOTE in engines:
             remote = _open_remote(target, rpc_timeout)  # an unreachable tracker fails before minutes of building
             completed.append(f"session with {remote.host}:{remote.port}")
-        for candidate in pool:
+        for candidate in pool if any(e.startswith("tvm") for e in engines) else []:
             _ensure_built(candidate, target, work, tune_trials, progress, rows)
         for candidate in pool:
             for engine in engines:
@@ -259,6 +287,8 @@ def _prepare(engine: str, candidate: Candidate, target: Target, threads: int, re
         return torch_engine.prepare(candidate.graph, threads)
     if engine == ort_engine.NAME:
         return ort_engine.prepare(candidate.graph, threads)
+    if engine in openvino_engine.ENGINES:
+        return openvino_engine.prepare(candidate.graph, threads, engine)
     artifact = candidate.artifacts.get(target.name)
     if artifact is None:
         raise EngineUnavailable(f"{candidate.name} has no artifact for {target.name}")
