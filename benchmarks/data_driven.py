@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,20 +47,11 @@ def variants(rate: float) -> list[tuple[str, str]]:
 
 
 def cpu_name() -> str:
-    """Model name, family / model numbers and TVM's mcpu: "AMD EPYC" alone hides Zen 4 vs Zen 5."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
+    """The CPU (model name, family / model numbers) and TVM's mcpu for it: "AMD EPYC" alone hides Zen 4 vs Zen 5."""
+    from tensorfold.runtime.machine import cpu_description
     from tensorfold.targets import get_target
 
-    mcpu = get_target("x86").tvm_target.get("mcpu", "?")
-    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
-            f"TVM mcpu {mcpu})")
+    return cpu_description(f"TVM mcpu {get_target('x86').tvm_target.get('mcpu', '?')}")
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,

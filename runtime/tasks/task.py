@@ -1,7 +1,6 @@
 """A trained task: a model factory, its data, a training recipe and an evaluator, trained once then cached."""
 from __future__ import annotations
 
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from torch import nn
 
 from tensorfold.ir.errors import TensorfoldError
 
+from ..machine import cpu_description
 from . import cache, training
 from .evaluators import Evaluator, top1
 
@@ -120,14 +120,6 @@ class Task:
         scores = self.evaluate(training.predict(net, test_x, self.recipe.get("threads", 1)), test_y)
         record = {"task": self.name, **scores, "test_samples": int(len(test_y)), "recipe": self.recipe,
                   "train_seconds": None if seconds is None else round(seconds, 1),
-                  "cpu": _cpu_name(), "torch": torch.__version__}
+                  "cpu": cpu_description(), "torch": torch.__version__}
         cache.write_json(cache.baseline_path(self.weights_path()), record)
         return record
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()

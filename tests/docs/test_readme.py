@@ -169,7 +169,7 @@ def test_every_pass_option_named_in_the_readme_exists():
         options = passes[match.group(1)].options
         for item in _split_top_level(match.group(2), span):
             key = item.split("=")[0].strip()
-            if key:
+            if key and key != "...":
                 assert key in options, f"README.md: `{span}` names option {key!r}; {match.group(1)} has {sorted(options)}"
         checked += 1
     assert checked > 5
