@@ -89,7 +89,7 @@ def _candidates(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
         if exclude and _matches(layer.name, exclude):
             report.skip(layer.name, "excluded by pattern")
             continue
-        if layer.spec is None:
+        if layer.spec is None or layer.unusable:
             report.skip(layer.name, layer.unusable or "unusable")
             continue
         chosen.append(layer)

@@ -226,3 +226,29 @@ def test_unprofitable_rank_is_skipped_with_reason(tmp_path):
     _, report = tf.compress(graph, "svd(rank=12)")
     record = report.passes[0].records[0]
     assert record.action == "skipped" and "would not reduce" in record.reason
+
+
+class _SharedLinear(torch.nn.Module):
+    """`l` is called twice: replacing it at one call site would change the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.h = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.h(self.l(self.l(x)))
+
+
+@pytest.mark.parametrize("pipeline", ["svd(rank=2, force=true)", "tt(rank=2, force=true)", "alds(epsilon=0.1, force=true)",
+                                      "lowrank_sparse(ratio=2)", "tucker2(rank=2, force=true)"])
+def test_shared_weights_are_skipped_with_the_reason(pipeline):
+    torch.manual_seed(0)
+    module = _SharedLinear().eval()
+    x = torch.randn(4, 8)
+    graph = tf.capture(module, x)
+    calibration = [torch.randn(4, 8).numpy() for _ in range(8)]
+    compressed, report = tf.compress(graph, pipeline, calibration=calibration)
+    records = [r for p in report.passes for r in p.records if r.layer == "l"]
+    assert records and all(r.action == "skipped" and "shared weights" in r.reason for r in records)
+    # l untouched: the compressed module still calls one `l` twice with the original weights
+    assert torch.equal(compressed.to_torch().l.weight, module.l.weight)
