@@ -1,6 +1,8 @@
-"""ResNet-18 and MobileNet-v2, batch 1, on x86: torch eager, onnxruntime, TVM untuned, TVM tuned,
-the original and a compressed variant; prints each median, the ratios, and each engine's achieved
-GFLOP/s as a fraction of this CPU's measured fp32 GEMM peak (peak.py, same thread count).
+"""ResNet-18 and MobileNet-v2, batch 1, on x86: torch eager, onnxruntime, TVM untuned, TVM tuned and,
+where the `openvino` extra is installed, OpenVINO in f32 and in its default precision (bf16 on CPUs
+with AVX512_BF16: it may pass the fp32 peak), the original and a compressed variant; prints each
+median, the ratios, and each engine's achieved GFLOP/s as a fraction of this CPU's measured fp32
+GEMM peak (peak.py, same thread count).
 
     python benchmarks/engines.py --tune-trials 512 --rounds 30
     python benchmarks/engines.py --tune-trials 0 --rounds 3 --size 64 --models resnet18   # smoke run
@@ -63,7 +65,11 @@ def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup
                         if r["engine"] == "tvm" and r.get("latency")})
     print(f"\n{arch} at {size}x{size}, batch 1, {report.settings['threads']} threads, {rounds} rounds; "
           f"variant: {passes}")
-    engines = ["torch", "onnxruntime", "tvm"] + (["tvm-tuned"] if tune_trials else [])
+    # tf.measure's x86 engines: torch, onnxruntime, tvm, and openvino-fp32 / openvino when installed
+    engines = report.settings["engines"]["x86"] + (["tvm-tuned"] if tune_trials else [])
+    precision = next((r["precision"] for r in report.rows if r["engine"] == "openvino" and r.get("precision")), None)
+    if precision:
+        print(f"  openvino: OpenVINO's default precision on this CPU, {precision}")
     for candidate in candidates:
         print("  " + candidate.ljust(11) + "  ".join(f"{e} {medians.get((candidate, e), float('nan')):.3f} ms"
                                                       for e in engines))
@@ -73,8 +79,9 @@ def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup
     if tune_trials:
         for candidate in candidates:
             tuned_ms = medians[(candidate, "tvm-tuned")]
-            print(f"  {candidate}: TVM tuned / onnxruntime: {tuned_ms / medians[(candidate, 'onnxruntime')]:.3f}, "
-                  f"TVM tuned / torch: {tuned_ms / medians[(candidate, 'torch')]:.3f}")
+            print(f"  {candidate}: " + ", ".join(f"TVM tuned / {e}: {tuned_ms / medians[(candidate, e)]:.3f}"
+                                                 for e in engines if e not in ("tvm", "tvm-tuned")
+                                                 and (candidate, e) in medians))
         if further and os.path.isdir(f"{work}/first"):
             _print_tuning(f"{work}/first", candidates)
         _print_tuning(tuned_work if further else f"{work}/measured", candidates)
@@ -113,7 +120,7 @@ def _print_tuning(work: str, candidates: dict) -> None:
             print(f"    {line}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
@@ -126,7 +133,11 @@ def main() -> None:
                         help="planted: low-rank + 1%% noise weights (decompose.py), for the EVBMF variant to act on")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     # the roofline first, on the thread count tf.measure will use, while nothing else runs
     peak = measure_peak_gflops(default_threads())
     print(f"fp32 GEMM peak: {peak['peak_gflops']:.1f} GFLOP/s ({peak['best']}, {peak['threads']} threads)")

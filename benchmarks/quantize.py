@@ -2,7 +2,8 @@
 
 For each model: file sizes (ONNX fp32, QDQ int8), accuracy (digits: its held-out test split;
 ResNet-18 has random weights, so fidelity to fp32 instead), and the median latency on
-onnxruntime and TVM (untuned, or tuned with --tune-trials), with int8/fp32 ratios. torch
+onnxruntime, TVM (untuned, or tuned with --tune-trials) and, where the `openvino` extra is installed,
+OpenVINO (f32 and its default precision; it runs the QDQ graph in int8), with int8/fp32 ratios. torch
 eager runs the fp32 graph only (the int8 graph is ONNX: "not supported" there).
 
     python benchmarks/quantize.py                       # untuned TVM, ~5 min on 2 cores
@@ -69,7 +70,7 @@ def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work:
     print(f"\n{model} ({weights} weights, {passes}): batch 1, {result.settings['threads']} threads, {rounds} rounds, "
           f"TVM {'tuned, ' + str(tune_trials) + ' trials' if tune_trials else 'untuned'}")
     print(f"  file size: fp32 {sizes['fp32']:,} B, int8 {sizes['int8']:,} B ({sizes['fp32'] / sizes['int8']:.2f}x smaller)")
-    for engine in ("torch", "onnxruntime", "tvm"):
+    for engine in result.settings["engines"]["x86"]:  # OpenVINO's two too where installed: the QDQ graph runs int8
         cells = []
         for candidate in ("fp32", "int8"):
             row = rows.get((candidate, engine), {})
@@ -80,7 +81,7 @@ def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work:
         fp32_ms = (rows.get(("fp32", engine), {}).get("latency") or {}).get("median_ms")
         int8_ms = (rows.get(("int8", engine), {}).get("latency") or {}).get("median_ms")
         ratio = f"  int8/fp32 {int8_ms / fp32_ms:.3f}" if fp32_ms and int8_ms else ""
-        print(f"  {engine.ljust(12)}" + "   ".join(cells) + ratio)
+        print(f"  {engine.ljust(14)}" + "   ".join(cells) + ratio)
     fidelity = [r for r in result.rows if r["candidate"] == "int8" and r.get("fidelity")]
     for row in fidelity:
         f = row["fidelity"]

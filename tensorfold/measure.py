@@ -70,9 +70,10 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
     finetune / musco steps, see tf.compress). data: a task name (its test set), an ImageFolder directory, (images,
     labels), or None (random inputs: fidelity only). evaluator: callable(outputs, labels) -> dict,
     called with each engine's outputs. engines: measure only these (names in ENGINES) where a target
-    offers them; None: every engine each target offers (OpenVINO's on x86 when installed). rpc_tracker "HOST:PORT" + rpc_key: where remote targets
-    (arm64, android-arm64) run; "direct:HOST:PORT" connects to one server. Raises MeasureError
-    (its `.report` kept, and saved when `report` is given) when a target failed, unless strict=False.
+    offers them; None: every engine each target offers (OpenVINO's on x86 when installed).
+    rpc_tracker "HOST:PORT" + rpc_key: where remote targets (arm64, android-arm64) run; "direct:HOST:PORT"
+    connects to one server. Raises MeasureError (its `.report` kept, and saved when `report` is given)
+    when a target failed, unless strict=False.
     """
     chosen = _chosen_engines(engines)
     threads = threads or default_threads()
