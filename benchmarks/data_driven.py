@@ -47,11 +47,9 @@ def variants(rate: float) -> list[tuple[str, str]]:
 
 
 def cpu_name() -> str:
-    """The CPU (model name, family / model numbers) and TVM's mcpu for it: "AMD EPYC" alone hides Zen 4 vs Zen 5."""
-    from tensorfold.runtime.machine import cpu_description
-    from tensorfold.targets import get_target
+    from tensorfold.targets.registry import host_cpu
 
-    return cpu_description(f"TVM mcpu {get_target('x86').tvm_target.get('mcpu', '?')}")
+    return host_cpu()
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,
