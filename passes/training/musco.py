@@ -68,7 +68,7 @@ def musco(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pas
     for stage in range(2, options["stages"] + 1):
         if _reached(current, start_flops, target) or not chains:
             break
-        moved = 0
+        proposals = []
         for origin, names in list(chains.items()):
             layers = [current.layer(n) for n in names]
             specs = [l.spec for l in layers]
@@ -81,10 +81,20 @@ def musco(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pas
                 report.skip(origin, f"stage {stage}: {e.reason}")
                 del chains[origin]
                 continue
-            started = time.perf_counter()
             before, after = chain_cost(specs, layers[0].in_shape), chain_cost(new_specs, layers[0].in_shape)
-            if after.flops >= before.flops:
-                continue
+            if after.flops < before.flops:
+                proposals.append((origin, names, layers, new_ranks, new_specs, before, after))
+        if target is not None:
+            # toward a FLOPs target: the largest savings first, and stop as soon as it is met, so the
+            # last stage does not overshoot by a whole stage's worth of rank cuts
+            proposals.sort(key=lambda p: p[5].flops - p[6].flops, reverse=True)
+        moved = 0
+        for origin, names, layers, new_ranks, new_specs, before, after in proposals:
+            if _reached(current, start_flops, target):
+                report.warnings.append(f"stage {stage}: FLOPs target met after recompressing {moved} of "
+                                       f"{len(proposals)} layers; the others keep their ranks")
+                break
+            started = time.perf_counter()
             err_random, err_calibration = layer_error(current, layers, new_specs, context.inputs)
             names_before = {l.name for l in current.layers()}
             current.replace(names, new_specs)

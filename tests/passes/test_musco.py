@@ -132,6 +132,26 @@ def test_musco_stops_at_the_flops_target():
     assert len(stages) < 5
 
 
+def test_musco_stops_inside_a_stage_at_the_flops_target():
+    """Toward until=flops:f the last stage recompresses the largest savings first and stops once f is met,
+    instead of cutting every layer's ranks and overshooting."""
+    torch.manual_seed(0)
+    graph = tf.capture(SmallNet().eval(), torch.zeros(1, 1, 8, 8))
+    base = graph.layer_cost().flops
+    pipeline = "musco(method=tucker2, ratio=2, stages=2, include=c2|c3, finetune=(epochs=1, seed=0){})"
+    _, free = tf.compress(graph, pipeline.format(""), train_data=_data())
+    full = [s["flops"] for s in free.passes[-1].summary["stages"]]
+    assert len(full) == 2 and full[1] < full[0]
+    fraction = (full[0] + full[1]) / 2 / base
+    result, report = tf.compress(graph, pipeline.format(f", until=flops:{fraction:.6f}"), train_data=_data())
+    step = report.passes[-1]
+    flops = result.layer_cost().flops
+    assert full[1] < flops <= fraction * base  # met, without the full stage's overshoot
+    assert sum(1 for r in step.records if r.action == "recompressed") == 1
+    assert any("FLOPs target met after recompressing 1 of 2 layers" in w for w in step.warnings)
+    assert step.summary["stages"][-1]["flops"] == flops
+
+
 def test_musco_bad_options_are_named():
     graph = tf.capture(SmallNet().eval(), torch.zeros(1, 1, 8, 8))
     data = _data(64)
