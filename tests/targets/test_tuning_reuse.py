@@ -193,3 +193,21 @@ def test_new_model_tunes_only_the_workloads_not_in_the_database(tuned):
     assert len(tuning["tuned_now"]) == len(tuning["tasks"]) - len(tuning["tuned_before"]) > 0
     assert 0 < tuning["trials_spent"] <= TRIALS
     json.dumps(artifact.manifest)
+
+
+def test_structurally_equal_workloads_are_tuned_once_and_both_applied(tmp_path, tools):
+    """Two convs of one shape (other weights) are one MetaSchedule task of weight 2: the trials go to it
+    once, and its best schedule is applied at both places."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 8, 16, 16)
+    artifact = tf.build(tf.capture(model, (x,)), "x86", tmp_path / "out", tune_trials=TRIALS,
+                        tuning_db=tmp_path / "db", progress=False)
+    tuning = artifact.manifest["tuning"]
+    conv_tasks = [t for t in tuning["task_profile"] if "conv2d" in t["name"]]
+    assert len(conv_tasks) == 1 and conv_tasks[0]["weight"] == 2, tuning["task_profile"]
+    applied_convs = [name for name in tuning["applied"] if "conv2d" in name]
+    assert len(applied_convs) >= 1 and tuning["untuned"] == []
+    # both places run the tuned schedule: no conv is left unscheduled, and the outputs are right
+    error = tools.relative_error(tools.torch_output(model, x), artifact.load()(x.numpy())["output0"])
+    assert error < 1e-4
