@@ -70,8 +70,9 @@ class MeasureReport:
         from rich.table import Table
 
         s = self.settings
-        table = Table(title=f"tensorfold measure: {s.get('rounds')} interleaved rounds after {s.get('warmup')} "
-                            f"warm-up, {s.get('threads')} threads; accuracy on {s.get('data')}")
+        table = Table(title=f"tensorfold measure on {s.get('machine', 'this CPU')}: {s.get('rounds')} interleaved "
+                            f"rounds after {s.get('warmup')} warm-up, {s.get('threads')} threads; accuracy on "
+                            f"{s.get('data')}")
         for column in ("candidate", "target", "engine", "latency median (ms)", "IQR (ms)", "top-1", "top-5",
                        "agree", "max rel err", "note"):
             table.add_column(column, justify="right" if column[0] in "lIta" and column not in ("target",) else "left")

@@ -26,6 +26,7 @@ from tensorfold.runtime.engines import EngineFailed, EngineUnavailable, Runner, 
 from tensorfold.runtime.measure_report import FAILED, OK, UNAVAILABLE, MeasureReport
 from tensorfold.runtime.timing import GAP_S, interleaved
 from tensorfold.targets import Artifact, Target, get_target
+from tensorfold.targets.registry import host_cpu
 from tensorfold.targets.rpc import RpcError, connect_direct, placed, request_session
 
 HOST_ENGINES = (torch_engine.NAME, ort_engine.NAME, tvm_engine.LOCAL)
@@ -92,7 +93,8 @@ def measure(candidates: Any, targets: str | Target | Sequence[str | Target], dat
         labels, data_name = None, f"{len(images)} random inputs (fidelity only)"
     work = os.fspath(work_dir) if work_dir else tempfile.mkdtemp(prefix="tensorfold-measure-")
     result = MeasureReport(settings={
-        "rounds": rounds, "warmup": warmup, "threads": threads, "data": data_name, "samples": int(len(images)),
+        "machine": host_cpu(), "rounds": rounds, "warmup": warmup, "threads": threads, "data": data_name,
+        "samples": int(len(images)),
         "tune_trials": tune_trials, "targets": [t.name for t in target_list], "work_dir": work,
         "engines": {t.name: _engines(t, chosen) for t in target_list},
         "candidates": [c.name for c in pool], "interleaved": f"every runner once per round, per target, {GAP_S} s untimed pause between runners",
@@ -142,6 +144,8 @@ def _is_pair(value: Any) -> bool:
 
 
 def _candidate(model: Any, name: str) -> Candidate:
+    if isinstance(model, Candidate):  # a graph with its artifacts already built (deploy's result)
+        return model
     if isinstance(model, Graph):
         return Candidate(name, model)
     if isinstance(model, Artifact):

@@ -57,6 +57,9 @@ def test_report_has_every_candidate_engine_target(measured):
         assert row["threads"] == report.settings["threads"]
     saved = json.loads((out / "report.json").read_text())
     assert len(saved["rows"]) == 2 * len(ENGINES) and saved["settings"]["threads"] >= 1
+    from tensorfold.targets.registry import host_cpu
+
+    assert saved["settings"]["machine"] == host_cpu()  # what the plots' footers name
     for name in ("report_latency.png", "report_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # the fastest engine per candidate x target is a report figure, computed from the rows
