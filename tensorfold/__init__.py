@@ -60,6 +60,16 @@ def finetune(graph: Graph, data: Any, epochs: int = 1, lr: float = 1e-3, teacher
     return finetune_graph(graph, _labelled(data, graph), resolved, teacher, progress)
 
 
+def deploy(model: Any, target: str = "x86", out: str = "deploy", **options: Any):
+    """Compress `model` for `target` to a requested speed-up or latency, chosen from latencies measured
+    on the target, then build and measure it: see `tensorfold.deployment.deploy` for the options
+    (speedup, latency_ms, max_drop, data, calibration, train_data, engine, tune_trials, recipe, ...)
+    and docs/deploy.md. Returns a DeployResult (`.report`, `.graph`, `.met`)."""
+    from tensorfold.deployment import deploy as _deploy
+
+    return _deploy(model, target, out, **options)
+
+
 def _labelled(data: Any, graph: Graph):
     from tensorfold.passes.training import Labelled
     from tensorfold.runtime.datasets import load_training_data
@@ -68,4 +78,4 @@ def _labelled(data: Any, graph: Graph):
     return Labelled(x, y, f"training data {what}")
 
 
-__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "finetune", "load", "measure"]
+__all__ = ["Graph", "Report", "TensorfoldError", "build", "capture", "compress", "deploy", "finetune", "load", "measure"]

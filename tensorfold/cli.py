@@ -1,4 +1,4 @@
-"""The `tensorfold` command: compress, passes, build, targets, measure, tasks, rpc."""
+"""The `tensorfold` command: deploy, compress, passes, build, targets, measure, tasks, rpc."""
 from __future__ import annotations
 
 import argparse
@@ -209,6 +209,22 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from tensorfold.deployment import deploy
+
+    result = deploy(args.model, args.target, args.output, speedup=args.speedup, latency_ms=args.latency,
+                    max_drop=args.max_drop, data=args.data, calibration=args.calibration, train_data=args.train_data,
+                    engine=args.engine, tune_trials=args.tune_trials, recipe=args.recipe,
+                    finetune_epochs=args.finetune_epochs, threads=args.threads, rpc_tracker=args.rpc_tracker,
+                    rpc_key=args.rpc_key, input_shape=args.input_shape, weights=args.weights, rounds=args.rounds,
+                    progress=not args.quiet)
+    verdict = result.report["verdict"]
+    print(f"{'MET' if verdict['met'] else 'NOT MET'}: {verdict['summary']}")
+    print(f"pipeline: {result.report['pipeline']}" + ("; int8" if result.report["int8"].get("int8") else ""))
+    print(f"wrote {result.out}: model.onnx, artifact/, report.md, report.json, recipe.toml")
+    return 0
+
+
 def _engine_list(text: str | None) -> list[str] | None:
     return None if text is None else [e.strip() for e in text.split(",") if e.strip()]
 
@@ -288,6 +304,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tensorfold", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    deploy = sub.add_parser("deploy", help="compress for a target to a measured speed-up: choose layers and ranks "
+                            "from latencies measured on the target, build, measure, report met / not met")
+    deploy.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or a task")
+    deploy.add_argument("--target", "-t", required=True, help="x86, x86:<mcpu>, arm64[:<mcpu>] (TVM over RPC), ... "
+                        "(see `tensorfold targets`)")
+    deploy.add_argument("--speedup", type=float, help="requested end-to-end speed-up over the original, > 1 "
+                      "(default 2 when --latency is not given)")
+    deploy.add_argument("--latency", type=float, metavar="MS", help="requested end-to-end latency in ms (instead "
+                        "of --speedup)")
+    deploy.add_argument("--max-drop", type=float, default=1.0, help="accuracy points the result may lose "
+                        "(default 1.0), checked on --data")
+    deploy.add_argument("--data", help="labelled data for accuracy: a task name (its test set) or an ImageFolder "
+                        "(default when MODEL is a task: its test set; else random inputs, fidelity only)")
+    deploy.add_argument("--calibration", help=CALIBRATION_HELP + "; also what layer errors are measured on")
+    deploy.add_argument("--train-data", help="labelled data to fine-tune the result on, distilled from the original "
+                        "(a task name or an ImageFolder; no fine-tuning without it)")
+    deploy.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning with --train-data "
+                        "(default 1)")
+    deploy.add_argument("--engine", help="the engine latencies are measured on: onnxruntime (default on x86) or tvm "
+                        "(TVM over RPC on remote targets)")
+    deploy.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the artifact (default 0)")
+    deploy.add_argument("--recipe", help="a recipe.toml from an earlier deploy: repeat its choices (no latency "
+                        "table, no selection)")
+    deploy.add_argument("-o", "--output", required=True, help="output folder: model.onnx, artifact/, report.md, "
+                        "report.json, recipe.toml, stages/ (a deploy into the same folder resumes)")
+    deploy.add_argument("--threads", type=int, help="threads for the engines (default: physical cores)")
+    deploy.add_argument("--rounds", type=int, default=20, help="timed rounds of the end-to-end measure (default 20)")
+    deploy.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker for remote targets, or direct:HOST:PORT")
+    deploy.add_argument("--rpc-key", help="device key at the tracker (default: the target's, e.g. arm64)")
+    deploy.add_argument("--input-shape", help="input shape, e.g. 1,3,224,224 (torch models; ONNX with free dims)")
+    deploy.add_argument("--weights", help="a state-dict file for a torchvision/factory model")
+    deploy.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    deploy.set_defaults(func=_deploy)
 
     compress = sub.add_parser("compress", help="run a pass pipeline on a model and write the result")
     compress.add_argument("model", help="an .onnx file, torchvision:<arch>, package.module:function, or a task "

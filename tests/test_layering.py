@@ -21,7 +21,7 @@ ALLOWED = {
 }
 # the API layer: tensorfold/ itself and what lives in it
 API = {"tensorfold", "tensorfold.examples", "tensorfold.cli", "tensorfold.models", "tensorfold.measure",
-       "tensorfold.build", "tensorfold.errors"}
+       "tensorfold.build", "tensorfold.errors", "tensorfold.deployment"}
 
 
 def imported_modules(source: str, module: str, is_package: bool) -> list[str]:
@@ -85,6 +85,7 @@ def test_folder_imports_point_one_way(folder):
     ("ir", "from tensorfold.passes import registry\n", "tensorfold.ir.x", False),
     ("runtime", "from ... import measure\n", "tensorfold.runtime.tasks", True),
     ("runtime", "from tensorfold.targets.build import build\n", "tensorfold.runtime.x", False),
+    ("targets", "from tensorfold.deployment.select import select\n", "tensorfold.targets.x", False),
 ])
 def test_the_checker_catches_back_edges(folder, source, module, is_package):
     assert violations(folder, source, module, is_package)

@@ -1,0 +1,243 @@
+"""The latency table: every candidate layer's original and replacements timed on the target.
+
+Each candidate runs as a model of its own (the layer, or its factor chain) at the layer's real
+input shape with batch 1, on the latency engine: onnxruntime on x86 (the fastest measured fp32
+engine there), TVM in-process (`--engine tvm`, untuned unless the tuning database holds records),
+or TVM over RPC for remote targets (under qemu the times are emulated). A layer's candidates are
+timed interleaved (A B C A B C ...), each sample the median of enough back-to-back calls to last
+about SAMPLE_MS (warm: the engine's threads are awake), and the median of ROUNDS samples is kept.
+Whole models are timed the same way (`end_to_end`), so the prediction compares like with like;
+`tf.measure` instead times single calls after a 0.2 s pause, which adds the thread pool's wake-up
+(a constant that dominates a model as small as digits). Results are cached per (target,
+engine, threads, layer kind + shape + attributes, replacement + ranks) in a JSON file under
+`$TENSORFOLD_LATENCY_DIR`, else `$XDG_CACHE_HOME/tensorfold/latency`, else `~/.cache/tensorfold/latency`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tensorfold.ir.errors import TensorfoldError
+from tensorfold.ir.graph import Graph
+from tensorfold.ir.onnx_graph import OnnxGraph
+from tensorfold.ir.onnx_nodes import spec_nodes
+from tensorfold.passes.progress import progress_bar
+from tensorfold.runtime import ort_engine, tvm_engine
+from tensorfold.runtime.engines import Runner
+from tensorfold.runtime.timing import interleaved
+from tensorfold.targets import Target
+
+from .candidates import LayerCandidates
+
+ROUNDS, WARMUP, SAMPLE_MS, GAP_S = 15, 3, 2.0, 0.002
+END_TO_END_ROUNDS = 20
+ENGINES = (ort_engine.NAME, tvm_engine.LOCAL, tvm_engine.REMOTE)
+OPSET = 17
+
+
+def cache_dir() -> str:
+    root = os.environ.get("TENSORFOLD_LATENCY_DIR")
+    if root:
+        return root
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "tensorfold", "latency")
+
+
+class LatencyCache:
+    """One JSON file per (target, engine, threads); entries keyed by layer + replacement."""
+
+    def __init__(self, target: Target, engine: str, threads: int | None, directory: str | None = None):
+        name = f"{target.key}-{engine}-t{threads or 'remote'}.json"
+        self.path = os.path.join(directory or cache_dir(), name)
+        self.hits = self.misses = 0
+        self.entries: dict[str, dict] = {}
+        if os.path.isfile(self.path):
+            try:
+                with open(self.path) as f:
+                    self.entries = json.load(f).get("entries", {})
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged cache is re-measured, never trusted
+
+    def get(self, key: str) -> dict | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.hits += 1
+        return value
+
+    def put(self, values: dict[str, dict]) -> None:
+        self.misses += len(values)
+        self.entries.update(values)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        on_disk = {}
+        if os.path.isfile(self.path):  # merge: another deploy may have written meanwhile
+            try:
+                with open(self.path) as f:
+                    on_disk = json.load(f).get("entries", {})
+            except (OSError, ValueError):
+                on_disk = {}
+        on_disk.update(self.entries)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": "tensorfold-latency/1", "entries": on_disk}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def layer_key(group: LayerCandidates) -> str:
+    spec = group.original.specs[0]
+    attrs = {k: getattr(spec, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")
+             if hasattr(spec, k)}
+    weight = np.asarray(spec.weight).shape
+    return json.dumps({"kind": group.kind, "in": list(group.in_shape), "weight": list(weight),
+                       "bias": getattr(spec, "bias", None) is not None, "transA": bool(group.facts.get("transA")),
+                       **{k: _plain(v) for k, v in attrs.items()}}, sort_keys=True)
+
+
+def entry_key(group: LayerCandidates, candidate) -> str:
+    return f"{layer_key(group)} | {candidate.key}"
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def chain_graph(specs, in_shape, name: str) -> OnnxGraph:
+    """A model computing the spec chain alone, input `x` of `in_shape`."""
+    nodes, inits, current = [], [], "x"
+    for index, spec in enumerate(specs):
+        out = "y" if index == len(specs) - 1 else f"t{index}"
+        n, i = spec_nodes(spec, current, out, f"s{index}", len(in_shape))
+        nodes += n
+        inits += i
+        current = out
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = min(model.ir_version, 9)
+    return OnnxGraph(model, name)
+
+
+@dataclass
+class LatencyEngine:
+    """Prepares a graph as a Runner on the target: what every latency in a deploy is measured with."""
+
+    name: str
+    target: Target
+    threads: int | None
+    work_dir: str
+    remote: object = None
+    built: list[str] = field(default_factory=list)
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.remote is not None and getattr(self.remote, "emulated", False))
+
+    def prepare(self, graph: Graph, label: str) -> Runner:
+        if self.name == ort_engine.NAME:
+            return ort_engine.prepare(graph, self.threads)
+        from tensorfold.build import build
+
+        safe = hashlib.sha1(label.encode()).hexdigest()[:16]
+        artifact = build(graph, self.target, os.path.join(self.work_dir, safe), tune_trials=0, progress=False)
+        self.built.append(artifact.path)
+        if self.name == tvm_engine.LOCAL:
+            return tvm_engine.prepare_local(artifact.path, self.threads)
+        return tvm_engine.prepare_remote(artifact.path, self.remote)
+
+
+def open_engine(name: str, target: Target, threads: int, work_dir: str, rpc_timeout: float = 5.0) -> LatencyEngine:
+    if target.placement.kind == "local":
+        return LatencyEngine(name, target, threads, work_dir)
+    from tensorfold.targets.rpc import connect_direct, request_session
+
+    placement = target.placement
+    remote = (connect_direct(placement.host, placement.port, rpc_timeout) if placement.kind == "direct"
+              else request_session(placement.host, placement.port, placement.key, rpc_timeout))
+    return LatencyEngine(name, target, None, work_dir, remote)
+
+
+def _sampler(runner: Runner, shape) -> Callable[[], float]:
+    """A timer whose one call runs the model n times back to back and returns the seconds per run."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    once = runner.timer({runner.input_names[0]: x})
+    once()
+    first = max(min(once() for _ in range(3)), 1e-7)
+    repeats = max(1, min(1000, math.ceil(SAMPLE_MS / 1e3 / first)))
+
+    def sample() -> float:  # the median of the run: robust to a neighbour's preemption on a shared machine
+        return float(np.median([once() for _ in range(repeats)]))
+    return sample
+
+
+def time_runners(runners: list[tuple[Runner, tuple[int, ...]]]) -> list[dict]:
+    timers = [_sampler(r, shape) for r, shape in runners]
+    timings = interleaved(timers, ROUNDS, WARMUP, gap_s=GAP_S)
+    return [t.to_json() for t in timings]
+
+
+def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: LatencyCache,
+                   progress: bool) -> None:
+    """Fill latency_ms / iqr_ms of every candidate, from the cache or measured (interleaved per layer)."""
+    with progress_bar(f"latency table ({engine.name} on {engine.target.name})", len(groups), progress) as advance:
+        for group in groups:
+            missing = []
+            for candidate in group.candidates:
+                hit = cache.get(entry_key(group, candidate))
+                if hit is None:
+                    missing.append(candidate)
+                else:
+                    candidate.latency_ms, candidate.iqr_ms, candidate.cached = hit["median_ms"], hit["iqr_ms"], True
+            if missing:
+                runners = [(engine.prepare(chain_graph(c.specs, group.in_shape, f"{group.layer}:{c.key}"),
+                                           f"{entry_key(group, c)}"), group.in_shape) for c in missing]
+                try:
+                    timings = time_runners(runners)
+                finally:
+                    for runner, _ in runners:
+                        runner.close()
+                for candidate, timing in zip(missing, timings):
+                    candidate.latency_ms, candidate.iqr_ms = timing["median_ms"], timing["iqr_ms"]
+                cache.put({entry_key(group, c): {**t, "engine": engine.name, "emulated": engine.emulated,
+                                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                           for c, t in zip(missing, timings)})
+            advance()
+
+
+def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = END_TO_END_ROUNDS) -> dict[str, dict]:
+    """Whole models timed interleaved on the latency engine (batch as captured)."""
+    runners = {}
+    try:
+        for name, graph in graphs.items():
+            runners[name] = engine.prepare(graph, f"end-to-end {name} {id(graph)}")
+        shapes = {name: tuple(g.inputs[0].shape) for name, g in graphs.items()}
+        timers = [_sampler(r, shapes[n]) for n, r in runners.items()]
+        timings = interleaved(timers, rounds, WARMUP, gap_s=GAP_S)
+        return {name: t.to_json() for name, t in zip(runners, timings)}
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
+def check_engine(name: str, target: Target) -> str:
+    """The latency engine for `target`: onnxruntime by default on a local CPU, TVM over RPC on a remote one."""
+    remote = target.placement.kind != "local"
+    if name is None:
+        return tvm_engine.REMOTE if remote else (tvm_engine.LOCAL if target.device != "cpu" else ort_engine.NAME)
+    name = {"tvm": tvm_engine.LOCAL if not remote else tvm_engine.REMOTE}.get(name, name)
+    allowed = [tvm_engine.REMOTE] if remote else ([tvm_engine.LOCAL] if target.device != "cpu"
+                                                  else [ort_engine.NAME, tvm_engine.LOCAL])
+    if name not in allowed:
+        raise TensorfoldError(f"deploy: engine {name!r} cannot time layers on {target.name}; "
+                              f"use {' or '.join(allowed)}")
+    return name

@@ -1,0 +1,158 @@
+"""The deploy report: report.json (everything) and report.md (per-layer decisions, predicted vs
+measured latency, accuracy before/after, met / not met, the measure plots)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tensorfold.targets.registry import host_cpu
+
+from .recipe import Recipe
+
+
+def _row(measured: dict, candidate: str, engine: str) -> dict:
+    for row in measured["rows"]:
+        if row["candidate"] == candidate and row["engine"] == engine:
+            return row
+    return {}
+
+
+def assemble(plan: dict, run, table: dict | None, selection: dict | None, recipe: Recipe, compress_report: dict,
+             int8: dict, artifact: dict, measured: dict) -> dict[str, Any]:
+    engine = run.engine_name
+    before, after = _row(measured, "original", engine), _row(measured, "deployed", engine)
+    before_ms = (before.get("latency") or {}).get("median_ms")
+    after_ms = (after.get("latency") or {}).get("median_ms")
+    speedup = before_ms / after_ms if before_ms and after_ms else None
+    goal = {"speedup": plan["speedup"], "latency_ms": plan["latency_ms"], "max_drop": plan["max_drop"]}
+    if plan["latency_ms"] is not None:
+        speed_met = after_ms is not None and after_ms <= plan["latency_ms"]
+        speed_text = f"latency {after_ms:.3f} ms against the requested {plan['latency_ms']:g} ms"
+    else:
+        speed_met = speedup is not None and speedup >= plan["speedup"]
+        speed_text = (f"speed-up {speedup:.2f}x against the requested {plan['speedup']:g}x"
+                      if speedup is not None else "speed-up not measured")
+    top1_before = (before.get("accuracy") or {}).get("top1")
+    top1_after = (after.get("accuracy") or {}).get("top1")
+    if top1_before is not None and top1_after is not None:
+        drop = 100 * (top1_before - top1_after)
+        drop_met = drop <= plan["max_drop"]
+        drop_text = f"top-1 {100 * top1_before:.2f} % -> {100 * top1_after:.2f} % (drop {drop:.2f} points, " \
+                    f"allowed {plan['max_drop']:g})"
+    else:
+        drop, drop_met = None, True
+        agreement = (after.get("fidelity") or {}).get("top1_agreement")
+        drop_text = "accuracy not checked: no labelled data (--data)" + (
+            f"; top-1 agreement with the original {100 * agreement:.1f} %" if agreement is not None else "")
+    emulated = bool(after.get("emulated") or (table or {}).get("emulated"))
+    met = bool(speed_met and drop_met and not emulated)
+    summary = f"{speed_text}; {drop_text}" + ("; times are emulated (qemu), not device times" if emulated else "")
+    predicted = None
+    if selection is not None:
+        predicted_ms = selection["predicted_ms"]
+        warm = (measured.get("warm") or {}).get("deployed", {}).get("median_ms")
+        predicted = {"predicted_ms": predicted_ms, "measured_ms": warm, "measure_ms": after_ms,
+                     "original_ms": (measured.get("warm") or {}).get("original", {}).get("median_ms"),
+                     "error": (predicted_ms - warm) / warm if warm else None,
+                     "applies_to": "the fp32 factorized model" + (" (int8 was added after the prediction)"
+                                                                  if int8.get("int8") else "")}
+    return {
+        "format": "tensorfold-deploy/1", "model": str(plan["model"]), "target": run.target.name,
+        "machine": host_cpu() if run.target.placement.kind == "local" else run.target.name, "engine": engine, "threads": run.threads, "goal": goal,
+        "verdict": {"met": met, "speed_met": bool(speed_met), "accuracy_met": bool(drop_met), "emulated": emulated,
+                    "speedup": speedup, "original_ms": before_ms, "deployed_ms": after_ms, "drop_points": drop,
+                    "top1_before": top1_before, "top1_after": top1_after, "summary": summary,
+                    "selection_reached_goal": None if selection is None else selection["met"]},
+        "prediction": predicted, "latency_table": table, "selection": selection,
+        "pipeline": recipe.pipeline_text(), "int8": int8, "finetune_epochs": recipe.finetune_epochs,
+        "compress": {k: compress_report.get(k) for k in ("params_before", "params_after", "flops_before",
+                                                          "flops_after", "params_ratio", "flops_ratio")},
+        "artifact": artifact, "measure": measured, "data": plan["data_name"],
+        "calibration": plan["calibration_name"], "stages_reused": list(run.stages.reused),
+        "recipe": None if plan["recipe_path"] is None else os.path.abspath(plan["recipe_path"]),
+    }
+
+
+def write(out: str, report: dict, recipe: Recipe) -> None:
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    with open(os.path.join(out, "recipe.toml"), "w") as f:
+        f.write(recipe.to_toml())
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(report, out))
+
+
+def _ms(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def markdown(report: dict, out: str) -> str:
+    v, goal = report["verdict"], report["goal"]
+    asked = f"{goal['speedup']:g}x faster" if goal["latency_ms"] is None else f"at most {goal['latency_ms']:g} ms"
+    lines = [f"# tensorfold deploy: {report['model']} on {report['target']}", "",
+             f"**{'MET' if v['met'] else 'NOT MET'}**: asked {asked} with at most {goal['max_drop']:g} points of "
+             f"accuracy lost; measured {v['summary']}.", "",
+             f"Machine: {report['machine']}; latency engine: {report['engine']}, {report['threads']} threads. "
+             f"Pipeline: `{report['pipeline']}`" + ("; int8" if report["int8"].get("int8") else "") + ".", ""]
+    table = report["latency_table"]
+    if table is not None:
+        sel = report["selection"]
+        cache = table["cache"]
+        lines += ["## Latency model", "",
+                  f"Each candidate layer (and each replacement's factor chain) ran alone at its real input shape, "
+                  f"batch 1, on {table['engine']}: median of {table['rounds']} interleaved rounds, each sample the "
+                  f"mean of back-to-back runs lasting about {table['sample_ms']:g} ms"
+                  + (" (emulated under qemu: not device times)" if table["emulated"] else "") + ". "
+                  f"Original end to end: {_ms(table['original_ms']['median_ms'])} ms; its candidate layers sum to "
+                  f"{_ms(table['layers_ms'])} ms, so the rest of the model (overhead) is "
+                  f"{_ms(table['overhead_ms'])} ms. Predicted latency = overhead + the chosen layers' latencies.",
+                  "", f"Latency cache {cache['path']}: " + (
+                      "stage reused from OUT/stages (nothing measured)" if cache.get("stage_reused") else
+                      f"{cache['hits']} hits, {cache['misses']} measured") + ".", "",
+                  f"Selection: exact multiple-choice knapsack (dynamic programming over latency in steps of "
+                  f"{sel['resolution_ms']:.4f} ms, rounded up) minimising the summed layer error ({table['error_measure']}) "
+                  f"with predicted latency <= {_ms(sel['goal_ms'])} ms. A replacement not measured faster than its "
+                  f"layer is never chosen. " + ("The goal was reachable in the model."
+                                               if sel["met"] else "The goal is NOT reachable in the model: the "
+                                               f"fastest choices are taken (predicted {_ms(sel['predicted_ms'])} ms)."),
+                  "", "## Per-layer decisions", "",
+                  "| layer | input | candidate | MFLOPs | latency ms (IQR) | error | decision |",
+                  "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+        for layer in table["layers"]:
+            chosen = sel["choices"][layer["layer"]]
+            original_ms = layer["candidates"][0]["latency_ms"]
+            for c in layer["candidates"]:
+                decision = "**chosen**" if c["key"] == chosen else (
+                    "refused: not faster than the original" if c["key"] != "original" and c["latency_ms"] >= original_ms
+                    else "")
+                lines.append(f"| {layer['layer']} | {'x'.join(map(str, layer['in_shape']))} | {c['key']} | "
+                             f"{c['flops'] / 1e6:.2f} | {_ms(c['latency_ms'])} ({_ms(c['iqr_ms'])}) | "
+                             f"{c['error']:.4f} | {decision} |")
+        lines.append("")
+    p = report["prediction"]
+    lines += ["## End to end, measured", ""]
+    if p is not None:
+        error = f"{100 * p['error']:+.1f} %" if p["error"] is not None else "n/a"
+        lines += [f"Predicted {_ms(p['predicted_ms'])} ms; measured the same way (warm, back to back) "
+                  f"{_ms(p['measured_ms'])} ms (original {_ms(p['original_ms'])} ms): prediction error {error} "
+                  f"({p['applies_to']}). The verdict uses tf.measure's figures below (single calls after a 0.2 s "
+                  "pause: they include the engine's wake-up).", ""]
+    int8 = report["int8"]
+    lines += [f"int8: {'kept' if int8.get('int8') else 'not kept'} ({int8.get('reason')})"
+              + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms, {int8.get('accuracy')}"
+                 if "fp32_ms" in int8 else "") + ".", "",
+              "| model | engine | median ms | top-1 |", "| --- | --- | ---: | ---: |"]
+    for row in report["measure"]["rows"]:
+        top1 = (row.get("accuracy") or {}).get("top1")
+        lines.append(f"| {row['candidate']} | {row['engine']} | {_ms((row.get('latency') or {}).get('median_ms'))} | "
+                     f"{'' if top1 is None else f'{100 * top1:.2f} %'} |")
+    lines += ["", f"Accuracy data: {report['data']}. Artifact: `artifact/` ({report['artifact']['tasks']} TVM tasks, "
+              f"{report['artifact']['trials']} tuning trials).", ""]
+    for path in report["measure"].get("files", []):
+        if path.endswith(".png"):
+            rel = os.path.relpath(path, out)
+            lines.append(f"![{os.path.basename(path)}]({rel})")
+    if report["stages_reused"]:
+        lines += ["", f"Stages reused from OUT/stages: {', '.join(report['stages_reused'])}."]
+    return "\n".join(lines) + "\n"

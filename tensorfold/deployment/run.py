@@ -1,0 +1,417 @@
+"""`tf.deploy`: a trained model -> a compressed, built and measured artifact for one target.
+
+Stages (each cached in OUT/stages/, keyed by a fingerprint of its inputs): latency table,
+selection, compressed model, fine-tuned model, int8 decision, artifact; then the measure of the
+original against the result, end to end on the target, and the reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensorfold.ir import Graph
+from tensorfold.ir.errors import TensorfoldError
+from tensorfold.runtime.engines import default_threads
+
+from . import candidates as cand
+from . import latency as lat
+from .recipe import LayerChoice, Recipe, read as read_recipe
+from .select import Group, Option, select
+from .stages import Stages, fingerprint, graph_fingerprint
+
+
+@dataclass
+class DeployResult:
+    out: str
+    report: dict[str, Any]
+    graph: Graph
+
+    @property
+    def met(self) -> bool:
+        return bool(self.report["verdict"]["met"])
+
+
+def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float | None = None,
+           latency_ms: float | None = None, max_drop: float = 1.0, data: Any = None, calibration: Any = None,
+           train_data: Any = None, engine: str | None = None, tune_trials: int = 0, recipe: str | None = None,
+           finetune_epochs: int = 1, threads: int | None = None, rates=cand.RATES, rpc_tracker: str | None = None,
+           rpc_key: str | None = None, input_shape=None, weights: str | None = None, rounds: int = 20,
+           progress: bool = True) -> DeployResult:
+    """Compress `model` for `target` to reach `speedup` (x, default 2) or `latency_ms`, measured on the target.
+
+    model: what `tensorfold compress` takes (a task name, .onnx, torchvision:<arch>, pkg.mod:fn) or a Graph.
+    The choice of layers and ranks minimises the summed layer error under a latency budget predicted from
+    per-layer latencies measured on `engine` (default onnxruntime on x86, TVM over RPC for remote targets);
+    see docs/deploy.md. Writes OUT/model.onnx, OUT/artifact/, OUT/report.json, OUT/report.md,
+    OUT/recipe.toml and OUT/stages/. `recipe`: a recipe.toml that fixes every choice (no latency table,
+    no selection). Raises TensorfoldError before writing anything when an input is bad.
+    """
+    plan = _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine,
+                     recipe, finetune_epochs, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials)
+    say = _Say(progress)
+    os.makedirs(plan["out"], exist_ok=True)
+    return _Deploy(plan, rates, rounds, progress, say).run()
+
+
+# ---- validation: everything that can fail on bad input fails here, before OUT is touched ----------
+
+def _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine, recipe,
+              finetune_epochs, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials) -> dict:
+    from tensorfold.targets import get_target
+    from tensorfold.targets.rpc import placed
+
+    if speedup is not None and latency_ms is not None:
+        raise TensorfoldError("deploy: give --speedup or --latency, not both")
+    if speedup is not None and not speedup > 1:
+        raise TensorfoldError(f"deploy: --speedup {speedup:g} must be greater than 1 (1.5 asks for 1.5x faster)")
+    if latency_ms is not None and not latency_ms > 0:
+        raise TensorfoldError(f"deploy: --latency {latency_ms:g} ms must be positive")
+    if speedup is None and latency_ms is None:
+        speedup = 2.0
+    if not max_drop >= 0:
+        raise TensorfoldError(f"deploy: --max-drop {max_drop:g} must be >= 0 (accuracy points)")
+    if tune_trials < 0 or finetune_epochs < 0:
+        raise TensorfoldError("deploy: --tune-trials and --finetune-epochs must be >= 0")
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TensorfoldError(f"deploy: -o {out} is a file; give a folder")
+    resolved_target = placed(get_target(target), rpc_tracker, rpc_key)
+    engine = lat.check_engine(engine, resolved_target)
+    fixed = read_recipe(recipe) if recipe else None
+    from tensorfold.models import parse_shape, resolve, task_name
+
+    task = task_name(model)
+    if isinstance(model, Graph):
+        graph = model
+    else:
+        graph = resolve(os.fspath(model), parse_shape(input_shape) if isinstance(input_shape, str) else input_shape,
+                        weights)
+    shape = tuple(graph.inputs[0].shape)
+    eval_data = data if data is not None else task
+    images = labels = None
+    data_name = "random inputs (fidelity only)"
+    if eval_data is not None:
+        from tensorfold.runtime.datasets import load_data
+
+        images, labels, data_name = load_data(eval_data, shape)
+    feeds, calibration_name = None, None
+    calibration = calibration if calibration is not None else task
+    if calibration is not None:
+        from tensorfold.runtime.calibration import calibration_feeds
+
+        feeds = calibration_feeds(calibration, graph)
+        calibration_name = calibration if isinstance(calibration, str) else "given data"
+    training = None
+    if train_data is not None and (fixed is None or fixed.finetune_epochs):
+        import tensorfold as tf
+
+        training = tf._labelled(train_data, graph)
+    if fixed is not None and fixed.int8 and feeds is None:
+        raise TensorfoldError(f"deploy: the recipe {recipe} asks for int8, which needs --calibration data")
+    if fixed is not None and fixed.finetune_epochs and training is None:
+        raise TensorfoldError(f"deploy: the recipe {recipe} fine-tunes, which needs --train-data")
+    if fixed is not None:
+        known = {l.name for l in graph.layers()}
+        unknown = [c.layer for c in fixed.layers if c.layer not in known]
+        if unknown:
+            raise TensorfoldError(f"deploy: the recipe names layers this model has not: {', '.join(unknown)}")
+    return {"graph": graph, "model": model if isinstance(model, str) else graph.source, "task": task,
+            "target": resolved_target, "engine": engine, "out": out, "speedup": speedup, "latency_ms": latency_ms,
+            "max_drop": max_drop, "images": images, "labels": labels, "data_name": data_name,
+            "eval_data": (images, labels) if labels is not None else None, "feeds": feeds,
+            "calibration_name": calibration_name, "training": training, "train_name": _train_name(train_data),
+            "recipe": fixed, "recipe_path": recipe, "finetune_epochs": finetune_epochs if training else 0,
+            "threads": threads or default_threads(), "tune_trials": tune_trials}
+
+
+def _train_name(train_data) -> str | None:
+    return None if train_data is None else (train_data if isinstance(train_data, str) else "given data")
+
+
+class _Say:
+    def __init__(self, enabled: bool):
+        import time
+
+        self.enabled, self.clock, self.start = enabled, time.perf_counter, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(f"deploy [{self.clock() - self.start:6.1f} s]: {text}", file=sys.stderr, flush=True)
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+class _Deploy:
+    def __init__(self, plan: dict, rates, rounds: int, progress: bool, say: _Say):
+        self.plan, self.rates, self.rounds, self.progress, self.say = plan, tuple(rates), rounds, progress, say
+        self.stages = Stages(plan["out"])
+        self.target, self.engine_name = plan["target"], plan["engine"]
+        self.threads = plan["threads"] if self.target.placement.kind == "local" else None
+        os.environ.setdefault("TVM_NUM_THREADS", str(plan["threads"]))
+        self.work = tempfile.mkdtemp(prefix="tensorfold-deploy-")
+        self._engine = None
+
+    @property
+    def engine(self) -> lat.LatencyEngine:
+        if self._engine is None:
+            self._engine = lat.open_engine(self.engine_name, self.target, self.plan["threads"], self.work)
+        return self._engine
+
+    def run(self) -> DeployResult:
+        import tensorfold as tf
+
+        plan = self.plan
+        original = plan["graph"]
+        folded, _ = tf.compress(original, "fold_bn")
+        self.calibration_key = _feeds_fingerprint(plan["feeds"])
+        table = selection = None
+        if plan["recipe"] is None:
+            table = self.latency_table(folded)
+            selection = self.selection(table)
+            recipe = Recipe([LayerChoice(l["layer"], *_parse_key(selection["choices"][l["layer"]]))
+                             for l in table["layers"]], finetune_epochs=plan["finetune_epochs"])
+        else:
+            recipe = plan["recipe"]
+            self.say(f"recipe {plan['recipe_path']}: no latency table, no selection")
+        compressed, compress_report, key = self.compressed(original, recipe)
+        tuned, key = self.finetuned(compressed, folded, key, recipe)
+        final, int8, key = self.int8(tuned, key, recipe)
+        recipe.int8 = bool(int8["int8"])
+        recipe.notes = {"target": self.target.name, "engine": self.engine_name, "model": str(plan["model"])}
+        final.save(os.path.join(plan["out"], "model.onnx"))
+        artifact = self.artifact(final, key)
+        measured = self.measure(original, final, artifact)
+        if table is not None:  # the prediction's own method (warm, back to back) on the result
+            self.say("timing original and deployed the latency table's way, for the prediction error")
+            measured["warm"] = lat.end_to_end({"original": folded, "deployed": final}, self.engine)
+        from .report import assemble, write
+
+        report = assemble(plan, self, table, selection, recipe, compress_report, int8, artifact, measured)
+        write(plan["out"], report, recipe)
+        self.say(f"{'MET' if report['verdict']['met'] else 'NOT MET'}: {report['verdict']['summary']}")
+        self.say(f"wrote {plan['out']}/report.md, report.json, recipe.toml, model.onnx, artifact/")
+        return DeployResult(plan["out"], report, final)
+
+    # -- latency table
+    def latency_table(self, folded: Graph) -> dict:
+        plan = self.plan
+        model_key = graph_fingerprint(folded)
+        key = fingerprint("latency-table/1", model_key, self.target.name, self.engine_name, self.threads,
+                          self.rates, self.calibration_key, cand.ERROR_SAMPLES, lat.ROUNDS, lat.SAMPLE_MS)
+        self.table_key = key
+        stored = self.stages.load("latency_table", key)
+        if stored is not None:
+            self.say("latency table: reused from stages/ (nothing measured)")
+            stored["cache"] = {**stored["cache"], "hits": 0, "misses": 0, "stage_reused": True}
+            return stored
+        self.say(f"latency table: candidates per layer at ratio rates {', '.join(map(str, self.rates))}")
+        groups = cand.layer_groups(folded, self.rates)
+        error_measure = cand.add_errors(folded, groups, plan["feeds"])
+        cache = lat.LatencyCache(self.target, self.engine_name, self.threads)
+        lat.measure_groups(groups, self.engine, cache, self.progress)
+        e2e_key = f"model {model_key} {list(folded.inputs[0].shape)} | end-to-end"
+        whole = cache.get(e2e_key)
+        if whole is None:
+            whole = lat.end_to_end({"original": folded}, self.engine)["original"]
+            cache.put({e2e_key: whole})
+        layer_sum = sum(g.original.latency_ms for g in groups)
+        table = {"layers": [_group_json(g) for g in groups], "error_measure": error_measure,
+                 "original_ms": whole, "layers_ms": layer_sum, "overhead_ms": whole["median_ms"] - layer_sum,
+                 "engine": self.engine_name, "emulated": self.engine.emulated, "threads": self.threads,
+                 "rounds": lat.ROUNDS, "sample_ms": lat.SAMPLE_MS, "rates": list(self.rates),
+                 "cache": {"path": cache.path, "hits": cache.hits, "misses": cache.misses, "stage_reused": False}}
+        self.stages.save("latency_table", key, table)
+        self.say(f"latency table: {len(groups)} layers, {sum(len(g.candidates) for g in groups)} candidates; "
+                 f"cache {cache.hits} hits, {cache.misses} measured")
+        return table
+
+    # -- selection
+    def selection(self, table: dict) -> dict:
+        plan = self.plan
+        original_ms = table["original_ms"]["median_ms"]
+        goal_ms = plan["latency_ms"] if plan["latency_ms"] is not None else original_ms / plan["speedup"]
+        key = fingerprint("selection/1", self.table_key, goal_ms)
+        stored = self.stages.load("selection", key)
+        if stored is not None:
+            self.say("selection: reused from stages/")
+            return stored
+        groups = [Group(l["layer"], Option("original", l["candidates"][0]["latency_ms"], 0.0),
+                        [Option(c["key"], c["latency_ms"], c["error"]) for c in l["candidates"][1:]])
+                  for l in table["layers"]]
+        chosen = select(groups, goal_ms - table["overhead_ms"])
+        predicted = table["overhead_ms"] + chosen.latency_ms
+        result = {"goal_ms": goal_ms, "layer_budget_ms": chosen.budget_ms, "resolution_ms": chosen.resolution_ms,
+                  "met": chosen.met, "predicted_ms": predicted, "predicted_speedup": original_ms / predicted
+                  if predicted > 0 else None, "total_error": chosen.error,
+                  "choices": {layer: o.key for layer, o in chosen.choices.items()}, "refused": chosen.refused}
+        self.stages.save("selection", key, result)
+        self.say(f"selection: predicted {predicted:.3f} ms against a goal of {goal_ms:.3f} ms"
+                 + ("" if chosen.met else " (NOT reachable: the fastest choices are taken)"))
+        return result
+
+    # -- compress, fine-tune, int8
+    def compressed(self, original: Graph, recipe: Recipe):
+        import tensorfold as tf
+
+        key = fingerprint("compressed/1", graph_fingerprint(original), recipe.steps())
+        stored = self.stages.load("compressed", key)
+        if stored is not None:
+            self.say("compress: reused from stages/")
+            return self.stages.load_graph("compressed"), stored, key
+        self.say(f"compress: {recipe.pipeline_text()}")
+        # no calibration here: the candidates' errors were measured on it already, and the pipeline's own
+        # error report on calibration data costs minutes on a large model (its errors on random inputs stay)
+        graph, report = tf.compress(original, recipe.steps(), progress=self.progress)
+        files = [self.stages.save_graph("compressed", graph)]
+        summary = json.loads(json.dumps(report.to_dict(), default=str))
+        self.stages.save("compressed", key, summary, files)
+        return self.stages.load_graph("compressed"), summary, key
+
+    def finetuned(self, graph: Graph, teacher: Graph, key: str, recipe: Recipe):
+        plan = self.plan
+        if not plan["training"] or not recipe.finetune_epochs:
+            return graph, key
+        import tensorfold as tf
+
+        key = fingerprint("finetuned/1", key, plan["train_name"], recipe.finetune_epochs)
+        if self.stages.load("finetuned", key) is not None:
+            self.say("fine-tune: reused from stages/")
+            return self.stages.load_graph("finetuned"), key
+        self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) on {plan['training'].what}, distilled from the "
+                 "original")
+        trained, report = tf.finetune(graph, _pair(plan["training"]),
+                                      epochs=recipe.finetune_epochs, teacher=teacher, progress=self.progress)
+        files = [self.stages.save_graph("finetuned", trained)]
+        self.stages.save("finetuned", key, {"summary": json.loads(json.dumps(report.summary, default=str))}, files)
+        return self.stages.load_graph("finetuned"), key
+
+    def int8(self, graph: Graph, key: str, recipe: Recipe):
+        import tensorfold as tf
+
+        plan = self.plan
+        fixed = plan["recipe"]
+        key = fingerprint("int8/1", key, self.calibration_key, plan["max_drop"], self.engine_name,
+                          None if fixed is None else fixed.int8)
+        stored = self.stages.load("int8", key)
+        if stored is not None:
+            self.say("int8 decision: reused from stages/")
+            return (self.stages.load_graph("int8") if stored["int8"] else graph), stored, key
+        if plan["feeds"] is None:
+            decision = {"int8": False, "reason": "no calibration data (--calibration)"}
+        elif fixed is not None:
+            decision = {"int8": fixed.int8, "reason": "fixed by the recipe"}
+        elif self.target.device != "cpu":
+            decision = {"int8": False, "reason": f"int8 is not built for {self.target.name} here"}
+        else:
+            decision = None
+        quantized = None
+        if decision is None or decision["int8"]:
+            self.say("int8: quantizing on the calibration data")
+            quantized, _ = tf.compress(graph, "int8", calibration=plan["feeds"])
+        if decision is None:
+            decision = self._int8_pays(graph, quantized)
+        files = [self.stages.save_graph("int8", quantized)] if decision["int8"] else []
+        self.stages.save("int8", key, decision, files)
+        return (self.stages.load_graph("int8") if decision["int8"] else graph), decision, key
+
+    def _int8_pays(self, fp32: Graph, int8: Graph) -> dict:
+        from tensorfold.runtime import accuracy as acc
+
+        self.say(f"int8: timing fp32 against int8 end to end on {self.engine_name}")
+        timings = lat.end_to_end({"fp32": fp32, "int8": int8}, self.engine)
+        fp32_ms, int8_ms = timings["fp32"]["median_ms"], timings["int8"]["median_ms"]
+        decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "engine": self.engine_name}
+        images, labels = self.plan["images"], self.plan["labels"]
+        if images is None:
+            images = np.random.default_rng(0).standard_normal((64, *fp32.inputs[0].shape[1:])).astype(np.float32)
+        outputs = {}
+        for name, graph in (("fp32", fp32), ("int8", int8)):
+            runner = self.engine.prepare(graph, f"int8 decision {name} {id(graph)}")
+            try:
+                outputs[name] = acc.outputs_on(runner, images)
+            finally:
+                runner.close()
+        if labels is not None:
+            before = acc.classification(outputs["fp32"], labels)["top1"]
+            after = acc.classification(outputs["int8"], labels)["top1"]
+            drop, what = 100 * (before - after), f"top-1 {100 * before:.2f} % -> {100 * after:.2f} %"
+        else:
+            agreement = acc.fidelity(outputs["int8"], outputs["fp32"])["top1_agreement"]
+            drop, what = 100 * (1 - agreement), f"top-1 agreement with fp32 {100 * agreement:.2f} % (no labels)"
+        faster, within = int8_ms < fp32_ms, drop <= self.plan["max_drop"]
+        decision.update(int8=bool(faster and within), drop_points=drop, accuracy=what,
+                        reason=("int8 is faster and within --max-drop" if faster and within else
+                                "; ".join(r for r in (None if faster else f"int8 {int8_ms:.3f} ms is not faster than "
+                                                      f"fp32 {fp32_ms:.3f} ms",
+                                                      None if within else f"drop {drop:.2f} points exceeds --max-drop "
+                                                      f"{self.plan['max_drop']:g}") if r)))
+        self.say(f"int8: {'kept' if decision['int8'] else 'not kept'} ({decision['reason']})")
+        return decision
+
+    # -- artifact and measure
+    def artifact(self, graph: Graph, key: str) -> dict:
+        from tensorfold.build import build
+
+        plan = self.plan
+        folder = os.path.join(plan["out"], "artifact")
+        key = fingerprint("artifact/1", key, self.target.name, plan["tune_trials"])
+        stored = self.stages.load("artifact", key)
+        if stored is not None and os.path.isfile(os.path.join(folder, "manifest.json")):
+            self.say("artifact: reused")
+            return stored
+        self.say(f"build: TVM for {self.target.name}, {plan['tune_trials']} tuning trials")
+        built = build(graph, self.target, folder, tune_trials=plan["tune_trials"], progress=self.progress)
+        tuning = built.manifest["tuning"]
+        result = {"path": built.path, "tasks": len(tuning["tasks"]), "untuned": len(tuning["untuned"]),
+                  "trials": tuning["trials_spent"], "build_seconds": built.manifest.get("build_seconds")}
+        self.stages.save("artifact", key, result)
+        return result
+
+    def measure(self, original: Graph, final: Graph, artifact: dict) -> dict:
+        from tensorfold.measure import Candidate, measure
+
+        plan = self.plan
+        engines = [self.engine_name]
+        self.say(f"measure: original vs deployed on {self.target.name} ({', '.join(engines)}), {self.rounds} rounds")
+        deployed = Candidate("deployed", final, {self.target.name: artifact["path"]})
+        report = measure([("original", original), deployed], self.target, data=plan["eval_data"], rounds=self.rounds,
+                         threads=plan["threads"], report=os.path.join(plan["out"], "measure", "measure.json"),
+                         progress=self.progress, engines=engines)
+        return report.to_json()
+
+
+def _pair(labelled) -> tuple[np.ndarray, np.ndarray]:
+    return labelled.x, labelled.y
+
+
+def _feeds_fingerprint(feeds) -> str | None:
+    if not feeds:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _group_json(group: cand.LayerCandidates) -> dict:
+    return {"layer": group.layer, "kind": group.kind, "in_shape": list(group.in_shape),
+            "candidates": [{"key": c.key, "method": c.method, "ranks": list(c.ranks), "latency_ms": c.latency_ms,
+                            "iqr_ms": c.iqr_ms, "error": c.error, "flops": int(c.flops), "params": int(c.params),
+                            "cached": c.cached} for c in group.candidates]}
+
+
+def _parse_key(key: str) -> tuple[str, tuple[int, ...]]:
+    if key == "original":
+        return "original", ()
+    method, _, ranks = key.partition("(")
+    return method, tuple(int(r) for r in ranks.rstrip(")").split(",") if r)

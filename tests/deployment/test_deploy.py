@@ -1,0 +1,126 @@
+"""tf.deploy / `tensorfold deploy` on the digits task: the latency cache, resume, honest reports, recipes,
+bad input. The artifact stage is a stub here (a plain
+tf.build, tested there; test_deploy_cli.py runs it end to end) to stay fast."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tensorfold.cli import main
+from tensorfold.deployment import deploy
+from tensorfold.deployment import latency as lat
+from tensorfold.deployment import run as deploy_run
+
+ROUNDS = 3
+
+
+def _stub_artifact(self, graph, key):
+    return {"path": os.path.join(self.plan["out"], "artifact"), "tasks": 0, "untuned": 0, "trials": 0,
+            "build_seconds": 0.0, "stub": True}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private latency cache and a stubbed artifact build for the module; the first deploy, measured."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("deploy")
+        mp.setenv("TENSORFOLD_LATENCY_DIR", str(root / "latency-cache"))
+        mp.setattr(deploy_run._Deploy, "artifact", _stub_artifact)
+        first = deploy("digits", "x86", root / "first", speedup=1.5, rounds=ROUNDS, progress=False)
+        yield root, first
+
+
+def _count_measurements(monkeypatch) -> list[int]:
+    calls = []
+    original = lat.time_runners
+
+    def counting(runners):
+        calls.append(len(runners))
+        return original(runners)
+    monkeypatch.setattr(lat, "time_runners", counting)
+    return calls
+
+
+def test_first_deploy_measures_every_candidate_and_writes_its_reports(env):
+    root, first = env
+    table = first.report["latency_table"]
+    assert table["cache"]["misses"] > 0 and table["cache"]["hits"] == 0
+    assert all(c["latency_ms"] > 0 for layer in table["layers"] for c in layer["candidates"])
+    for name in ("model.onnx", "report.json", "report.md", "recipe.toml"):
+        assert (root / "first" / name).is_file(), name
+    chosen = first.report["selection"]["choices"]
+    for layer in table["layers"]:  # a chosen replacement was measured faster than its layer
+        by_key = {c["key"]: c for c in layer["candidates"]}
+        assert by_key[chosen[layer["layer"]]]["latency_ms"] <= by_key["original"]["latency_ms"]
+    assert first.report["prediction"]["predicted_ms"] > 0
+
+
+def test_a_second_deploy_measures_nothing_again(env, monkeypatch):
+    root, first = env
+    calls = _count_measurements(monkeypatch)
+    second = deploy("digits", "x86", root / "second", speedup=1.5, rounds=ROUNDS, progress=False)
+    cache = second.report["latency_table"]["cache"]
+    assert cache["misses"] == 0 and cache["hits"] > 0 and not cache["stage_reused"]
+    assert calls == []
+    assert second.report["pipeline"] == first.report["pipeline"]
+
+
+def test_an_interrupted_deploy_resumes_after_the_latency_table(env, monkeypatch):
+    root, first = env
+    out = root / "resumed"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted during the selection")
+    with monkeypatch.context() as m:
+        m.setattr(deploy_run, "select", broken)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            deploy("digits", "x86", out, speedup=1.5, rounds=ROUNDS, progress=False)
+    assert (out / "stages" / "latency_table.json").is_file()
+    assert not (out / "report.json").exists()
+    calls = _count_measurements(monkeypatch)
+    resumed = deploy("digits", "x86", out, speedup=1.5, rounds=ROUNDS, progress=False)
+    assert calls == []
+    assert resumed.report["latency_table"]["cache"]["stage_reused"]
+    assert "latency_table" in resumed.report["stages_reused"]
+    assert (out / "recipe.toml").read_text() == (root / "first" / "recipe.toml").read_text()
+
+
+def test_an_unreachable_speedup_is_reported_not_met_with_the_best_reached(env):
+    root, _ = env
+    result = deploy("digits", "x86", root / "unreachable", speedup=100, rounds=ROUNDS, progress=False)
+    verdict = result.report["verdict"]
+    assert not result.met and not verdict["speed_met"]
+    assert result.report["selection"]["met"] is False
+    assert 0 < verdict["speedup"] < 100  # the best reached, measured
+    text = (root / "unreachable" / "report.md").read_text()
+    assert "NOT MET" in text and "NOT reachable" in text
+    assert f"{verdict['speedup']:.2f}x" in text
+
+
+def test_the_recipe_reproduces_the_pipeline(env, monkeypatch):
+    root, first = env
+    calls = _count_measurements(monkeypatch)
+    again = deploy("digits", "x86", root / "from-recipe", recipe=str(root / "first" / "recipe.toml"),
+                   rounds=ROUNDS, progress=False)
+    assert calls == []  # no latency table
+    assert again.report["latency_table"] is None and again.report["selection"] is None
+    assert again.report["pipeline"] == first.report["pipeline"]
+    assert again.report["int8"]["int8"] == first.report["int8"]["int8"]
+    assert (root / "from-recipe" / "recipe.toml").read_text().split("[notes]")[1] == \
+        (root / "first" / "recipe.toml").read_text().split("[notes]")[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "nosuchtarget", "--speedup", "2"], "nosuchtarget"),
+    (["--target", "x86", "--speedup", "1"], "greater than 1"),
+    (["--target", "x86", "--speedup", "0.5"], "greater than 1"),
+    (["--target", "x86", "--speedup", "2", "--latency", "1"], "not both"),
+    (["--target", "x86", "--speedup", "2", "--data", "mnist1d-mlp"], "shape"),
+    (["--target", "x86", "--speedup", "2", "--engine", "openvino"], "engine"),
+])
+def test_bad_input_fails_with_status_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["deploy", "digits", *argv, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
