@@ -6,9 +6,9 @@ engine there), TVM in-process (`--engine tvm`, untuned unless the tuning databas
 or TVM over RPC for remote targets (under qemu the times are emulated). A layer's candidates are
 timed interleaved (A B C A B C ...), each sample the median of enough back-to-back calls to last
 about SAMPLE_MS (warm: the engine's threads are awake), and the median of ROUNDS samples is kept.
-Whole models are timed the same way (`end_to_end`), so the prediction compares like with like;
-`tf.measure` instead times single calls after a 0.2 s pause, which adds the thread pool's wake-up
-(a constant that dominates a model as small as digits). Results are cached per (target,
+Whole models are timed as `tf.measure` times them (`end_to_end`: single calls, each after a 0.2 s
+untimed pause), so the overhead (end to end minus the layers) holds what one call after idle costs
+beyond its layers: on this machine about 0.25 ms, which dominates a model as small as digits. Results are cached per (target,
 engine, threads, layer kind + shape + attributes, replacement + ranks) in a JSON file under
 `$TENSORFOLD_LATENCY_DIR`, else `$XDG_CACHE_HOME/tensorfold/latency`, else `~/.cache/tensorfold/latency`.
 """
@@ -214,15 +214,37 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
             advance()
 
 
-def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = END_TO_END_ROUNDS) -> dict[str, dict]:
-    """Whole models timed interleaved on the latency engine (batch as captured)."""
+def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = END_TO_END_ROUNDS,
+               warm: bool = False) -> dict[str, dict]:
+    """Whole models timed interleaved on the latency engine (batch as captured).
+
+    Default: as `tf.measure` times them, single calls each after an untimed GAP pause (what one
+    inference after idle costs, the figure the verdict checks). warm=True: like the layers, each sample
+    the median of back-to-back calls (steady state)."""
+    from tensorfold.runtime.timing import GAP_S as MEASURE_GAP_S, Timing
+
     runners = {}
     try:
         for name, graph in graphs.items():
             runners[name] = engine.prepare(graph, f"end-to-end {name} {id(graph)}")
         shapes = {name: tuple(g.inputs[0].shape) for name, g in graphs.items()}
-        timers = [_sampler(r, shapes[n]) for n, r in runners.items()]
-        timings = interleaved(timers, rounds, WARMUP, gap_s=GAP_S)
+        if warm:
+            timers = [_sampler(r, shapes[n]) for n, r in runners.items()]
+            timings = interleaved(timers, rounds, WARMUP, gap_s=GAP_S)
+        else:
+            timers = []
+            for name, runner in runners.items():
+                x = np.random.default_rng(0).standard_normal(shapes[name]).astype(np.float32)
+                timers.append(runner.timer({runner.input_names[0]: x}))
+            for _ in range(WARMUP):
+                for timer in timers:
+                    timer()
+            samples = [[] for _ in timers]
+            for _ in range(rounds):
+                for i, timer in enumerate(timers):
+                    time.sleep(MEASURE_GAP_S)
+                    samples[i].append(timer() * 1e3)
+            timings = [Timing(s) for s in samples]
         return {name: t.to_json() for name, t in zip(runners, timings)}
     finally:
         for runner in runners.values():

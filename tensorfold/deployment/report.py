@@ -51,10 +51,10 @@ def assemble(plan: dict, run, table: dict | None, selection: dict | None, recipe
     predicted = None
     if selection is not None:
         predicted_ms = selection["predicted_ms"]
-        warm = (measured.get("warm") or {}).get("deployed", {}).get("median_ms")
-        predicted = {"predicted_ms": predicted_ms, "measured_ms": warm, "measure_ms": after_ms,
-                     "original_ms": (measured.get("warm") or {}).get("original", {}).get("median_ms"),
-                     "error": (predicted_ms - warm) / warm if warm else None,
+        warm = measured.get("warm") or {}
+        predicted = {"predicted_ms": predicted_ms, "measured_ms": after_ms,
+                     "error": (predicted_ms - after_ms) / after_ms if after_ms else None,
+                     "steady_state_ms": {k: v["median_ms"] for k, v in warm.items()},
                      "applies_to": "the fp32 factorized model" + (" (int8 was added after the prediction)"
                                                                   if int8.get("int8") else "")}
     return {
@@ -102,16 +102,18 @@ def markdown(report: dict, out: str) -> str:
         lines += ["## Latency model", "",
                   f"Each candidate layer (and each replacement's factor chain) ran alone at its real input shape, "
                   f"batch 1, on {table['engine']}: median of {table['rounds']} interleaved rounds, each sample the "
-                  f"mean of back-to-back runs lasting about {table['sample_ms']:g} ms"
+                  f"median of back-to-back runs lasting about {table['sample_ms']:g} ms"
                   + (" (emulated under qemu: not device times)" if table["emulated"] else "") + ". "
-                  f"Original end to end: {_ms(table['original_ms']['median_ms'])} ms; its candidate layers sum to "
+                  f"Original end to end (as tf.measure times it: single calls after a 0.2 s pause): "
+                  f"{_ms(table['original_ms']['median_ms'])} ms; its candidate layers sum to "
                   f"{_ms(table['layers_ms'])} ms, so the rest of the model (overhead) is "
                   f"{_ms(table['overhead_ms'])} ms. Predicted latency = overhead + the chosen layers' latencies.",
                   "", f"Latency cache {cache['path']}: " + (
                       "stage reused from OUT/stages (nothing measured)" if cache.get("stage_reused") else
                       f"{cache['hits']} hits, {cache['misses']} measured") + ".", "",
                   f"Selection: exact multiple-choice knapsack (dynamic programming over latency in steps of "
-                  f"{sel['resolution_ms']:.4f} ms, rounded up) minimising the summed layer error ({table['error_measure']}) "
+                  + (f"{sel['resolution_ms']:.2g} ms, rounded up" if sel["resolution_ms"] else "(not run: unreachable)")
+                  + f") minimising the summed layer error ({table['error_measure']}) "
                   f"with predicted latency <= {_ms(sel['goal_ms'])} ms. A replacement not measured faster than its "
                   f"layer is never chosen. " + ("The goal was reachable in the model."
                                                if sel["met"] else "The goal is NOT reachable in the model: the "
@@ -134,10 +136,12 @@ def markdown(report: dict, out: str) -> str:
     lines += ["## End to end, measured", ""]
     if p is not None:
         error = f"{100 * p['error']:+.1f} %" if p["error"] is not None else "n/a"
-        lines += [f"Predicted {_ms(p['predicted_ms'])} ms; measured the same way (warm, back to back) "
-                  f"{_ms(p['measured_ms'])} ms (original {_ms(p['original_ms'])} ms): prediction error {error} "
-                  f"({p['applies_to']}). The verdict uses tf.measure's figures below (single calls after a 0.2 s "
-                  "pause: they include the engine's wake-up).", ""]
+        steady = p["steady_state_ms"]
+        lines += [f"Predicted {_ms(p['predicted_ms'])} ms, measured {_ms(p['measured_ms'])} ms (tf.measure, below): "
+                  f"prediction error {error} ({p['applies_to']})."
+                  + (f" Steady state (back-to-back calls, like the layers in the table): original "
+                     f"{_ms(steady.get('original'))} ms, deployed {_ms(steady.get('deployed'))} ms"
+                     f" ({steady['original'] / steady['deployed']:.2f}x)." if steady.get("deployed") else ""), ""]
     int8 = report["int8"]
     lines += [f"int8: {'kept' if int8.get('int8') else 'not kept'} ({int8.get('reason')})"
               + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms, {int8.get('accuracy')}"

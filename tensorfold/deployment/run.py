@@ -187,9 +187,9 @@ class _Deploy:
         final.save(os.path.join(plan["out"], "model.onnx"))
         artifact = self.artifact(final, key)
         measured = self.measure(original, final, artifact)
-        if table is not None:  # the prediction's own method (warm, back to back) on the result
-            self.say("timing original and deployed the latency table's way, for the prediction error")
-            measured["warm"] = lat.end_to_end({"original": folded, "deployed": final}, self.engine)
+        if table is not None:  # the steady state as well: back to back, like the layers of the table
+            self.say("timing original and deployed back to back (steady state)")
+            measured["warm"] = lat.end_to_end({"original": folded, "deployed": final}, self.engine, warm=True)
         from .report import assemble, write
 
         report = assemble(plan, self, table, selection, recipe, compress_report, int8, artifact, measured)
@@ -202,7 +202,7 @@ class _Deploy:
     def latency_table(self, folded: Graph) -> dict:
         plan = self.plan
         model_key = graph_fingerprint(folded)
-        key = fingerprint("latency-table/1", model_key, self.target.name, self.engine_name, self.threads,
+        key = fingerprint("latency-table/2", model_key, self.target.name, self.engine_name, self.threads,
                           self.rates, self.calibration_key, cand.ERROR_SAMPLES, lat.ROUNDS, lat.SAMPLE_MS)
         self.table_key = key
         stored = self.stages.load("latency_table", key)
@@ -215,7 +215,7 @@ class _Deploy:
         error_measure = cand.add_errors(folded, groups, plan["feeds"])
         cache = lat.LatencyCache(self.target, self.engine_name, self.threads)
         lat.measure_groups(groups, self.engine, cache, self.progress)
-        e2e_key = f"model {model_key} {list(folded.inputs[0].shape)} | end-to-end"
+        e2e_key = f"model {model_key} {list(folded.inputs[0].shape)} | end-to-end, single calls after a pause"
         whole = cache.get(e2e_key)
         if whole is None:
             whole = lat.end_to_end({"original": folded}, self.engine)["original"]

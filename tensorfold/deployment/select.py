@@ -64,9 +64,9 @@ def select(groups: Sequence[Group], budget_ms: float, resolution_ms: float | Non
     fastest = {g.layer: min(opts, key=lambda o: (o.latency_ms, o.error)) for g, opts in zip(groups, options)}
     if not groups:
         return Selection({}, budget_ms, budget_ms >= 0, resolution_ms or 0.0, refused)
-    resolution = resolution_ms or (max(budget_ms, 1e-9) / STEPS)
-    if budget_ms < 0 or sum(o.latency_ms for o in fastest.values()) > budget_ms:
-        return Selection(fastest, budget_ms, False, resolution, refused)
+    if budget_ms <= 0 or sum(o.latency_ms for o in fastest.values()) > budget_ms:
+        return Selection(fastest, budget_ms, False, 0.0, refused)  # no search: the fastest set
+    resolution = resolution_ms or budget_ms / STEPS
     capacity = int(math.floor(budget_ms / resolution + 1e-9))
     inf = float("inf")
     best = np.zeros(capacity + 1)                      # best[c]: least error using at most c steps

@@ -1,0 +1,116 @@
+"""`tensorfold deploy` against FLOP-based selection at the same FLOPs (issue 19's benchmark).
+
+Per model: deploy at --speedup S on x86 with the onnxruntime latency engine (per-layer latencies
+measured, knapsack on the summed layer error), then Tucker-2 with a global FLOPs budget
+(`tucker2(budget=flops:b)`, Zhang et al.'s greedy, what FLOP-aware tools do) with b chosen so the
+whole model has the FLOPs deploy's result has. All three (original, deploy, FLOP-based) are then
+measured in one `tf.measure` run on onnxruntime (interleaved; accuracy on the task's test set for a
+task). Printed: predicted vs measured latency (the latency model's error), measured speed-up,
+FLOPs, accuracy, and the layers deploy refused (replacements with fewer FLOPs, not faster on the target).
+
+    python benchmarks/deploy.py                                   # resnet18-digits at --speedup 2
+    python benchmarks/deploy.py --models resnet18-digits torchvision:resnet18 --speedup 2 4
+    python benchmarks/deploy.py --report out/deploy_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import tensorfold as tf
+from tensorfold.models import resolve, task_name
+from tensorfold.passes import rank_policy as rp
+from tensorfold.targets.registry import host_cpu
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet18-digits"],
+                        help="tasks or model names (torchvision:resnet18 runs at 1x3x224x224, random weights)")
+    parser.add_argument("--speedup", nargs="+", type=float, default=[2.0], help="requested speed-ups")
+    parser.add_argument("--target", default="x86")
+    parser.add_argument("--rounds", type=int, default=20, help="tf.measure rounds (default 20)")
+    parser.add_argument("--work-dir", help="deploy output folders (default: a temporary folder)")
+    parser.add_argument("--report", help="write the rows as JSON here")
+    return parser
+
+
+def budget_fraction(graph, target: float) -> float:
+    """The tucker2 budget (a fraction of the FLOPs of the layers it factors) that leaves `target` x the
+    whole graph's FLOPs (the other layers keep theirs)."""
+    total = graph.layer_cost().flops
+    factorable = sum(l.cost.flops for l in graph.layers() if l.kind == "conv" and l.spec is not None
+                     and rp.METHODS["tucker2"].check(l.spec) is None)
+    return max(min(1 - (1 - target) * total / max(factorable, 1), 0.99), 0.01)
+
+
+def run_one(model: str, speedup: float, args, work: str) -> dict:
+    out = os.path.join(work, f"{model.replace(':', '_')}_x{speedup:g}")
+    deployed = tf.deploy(model, args.target, out, speedup=speedup, rounds=args.rounds, progress=True)
+    report = deployed.report
+    original = resolve(model)
+    folded, _ = tf.compress(original, "fold_bn")
+    ratio = report["compress"]["flops_after"] / report["compress"]["flops_before"]
+    b = budget_fraction(folded, ratio)
+    flops_based, flops_report = tf.compress(original, f"fold_bn, tucker2(budget=flops:{b:.4f})")
+    task = task_name(model)
+    measured = tf.measure([("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)],
+                          args.target, data=task, rounds=args.rounds, engines=[report["engine"]], progress=True)
+    rows = {r["candidate"]: r for r in measured.rows}
+
+    def ms(name):
+        return rows[name]["latency"]["median_ms"]
+
+    def top1(name):
+        return (rows[name].get("accuracy") or {}).get("top1")
+    refused = report["selection"]["refused"]
+    return {"model": model, "speedup_asked": speedup, "machine": host_cpu(), "engine": report["engine"],
+            "threads": report["threads"], "deploy_verdict": report["verdict"], "predicted_ms":
+            report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
+            "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
+            "flops_ratio": ratio, "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})",
+            "flops_based_flops_ratio": flops_report.flops_after / flops_report.flops_before,
+            "same_run": {"original_ms": ms("original"), "deploy_ms": ms("deploy"), "flops_based_ms": ms("flops-based"),
+                         "deploy_speedup": ms("original") / ms("deploy"),
+                         "flops_based_speedup": ms("original") / ms("flops-based"),
+                         "top1": {n: top1(n) for n in rows}},
+            "refused": refused, "layers_replaced": sum(1 for k in report["selection"]["choices"].values()
+                                                       if k != "original"),
+            "layers": len(report["selection"]["choices"])}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-deploy-bench-")
+    rows = []
+    for model in args.models:
+        for speedup in args.speedup:
+            row = run_one(model, speedup, args, work)
+            rows.append(row)
+            same = row["same_run"]
+            top1 = {k: ("" if v is None else f"{100 * v:.2f} %") for k, v in same["top1"].items()}
+            print(f"\n{model} --speedup {speedup:g} on {row['machine']}, {row['engine']} {row['threads']} threads:")
+            print(f"  deploy: {'met' if row['deploy_verdict']['met'] else 'NOT met'} "
+                  f"({row['deploy_verdict']['summary']})")
+            print(f"  predicted {row['predicted_ms']:.3f} ms, measured {row['deploy_measured_ms']:.3f} ms "
+                  f"(error {100 * row['prediction_error']:+.1f} %)")
+            print(f"  same run: original {same['original_ms']:.3f} ms {top1.get('original')}; deploy "
+                  f"{same['deploy_ms']:.3f} ms ({same['deploy_speedup']:.2f}x, {1 / row['flops_ratio']:.2f}x fewer "
+                  f"FLOPs) {top1.get('deploy')}; flops-based {same['flops_based_ms']:.3f} ms "
+                  f"({same['flops_based_speedup']:.2f}x, {1 / row['flops_based_flops_ratio']:.2f}x fewer FLOPs) "
+                  f"{top1.get('flops-based')}")
+            print(f"  deploy replaced {row['layers_replaced']} of {row['layers']} layers; refused (not faster "
+                  f"than the layer): " + (", ".join(f"{k}: {', '.join(v)}" for k, v in row["refused"].items())
+                                          or "none"))
+    if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w") as f:
+            json.dump(rows, f, indent=2, default=float)
+        print(f"wrote {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
