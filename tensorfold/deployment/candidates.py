@@ -98,11 +98,17 @@ def ladder(layer: Layer, rates=RATES) -> LayerCandidates | None:
 
 
 def layer_groups(graph: Graph, rates=RATES) -> list[LayerCandidates]:
+    # One BLAS thread for the decompositions: on this shared 2-core machine OpenBLAS with 2 threads
+    # spun against the neighbours' load and took 7.2 s for an SVD of a 256 x 2304 matrix that one
+    # thread does in 0.39 s (a ResNet-18 ladder: many such SVDs).
+    from threadpoolctl import threadpool_limits
+
     groups = []
-    for layer in graph.layers():
-        group = ladder(layer, rates)
-        if group is not None:
-            groups.append(group)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for layer in graph.layers():
+            group = ladder(layer, rates)
+            if group is not None:
+                groups.append(group)
     return groups
 
 

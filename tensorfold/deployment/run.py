@@ -54,9 +54,11 @@ def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float 
     """
     plan = _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine,
                      recipe, finetune_epochs, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials)
-    say = _Say(progress)
+    run = _Deploy(plan, rates, rounds, progress, _Say(progress))
+    if plan["target"].placement.kind != "local" and plan["recipe"] is None:
+        run.engine  # an unreachable tracker or server fails here, before OUT is written
     os.makedirs(plan["out"], exist_ok=True)
-    return _Deploy(plan, rates, rounds, progress, say).run()
+    return run.run()
 
 
 # ---- validation: everything that can fail on bad input fails here, before OUT is touched ----------
@@ -138,7 +140,9 @@ class _Say:
     def __init__(self, enabled: bool):
         import time
 
-        self.enabled, self.clock, self.start = enabled, time.perf_counter, time.perf_counter()
+        # stage lines go with the progress bars: quiet when stderr is not a terminal, or with -q
+        self.enabled = enabled and sys.stderr.isatty()
+        self.clock, self.start = time.perf_counter, time.perf_counter()
 
     def __call__(self, text: str) -> None:
         if self.enabled:
@@ -267,7 +271,10 @@ class _Deploy:
         self.say(f"compress: {recipe.pipeline_text()}")
         # no calibration here: the candidates' errors were measured on it already, and the pipeline's own
         # error report on calibration data costs minutes on a large model (its errors on random inputs stay)
-        graph, report = tf.compress(original, recipe.steps(), progress=self.progress)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):  # the decompositions again: see candidates.layer_groups
+            graph, report = tf.compress(original, recipe.steps(), progress=self.progress)
         files = [self.stages.save_graph("compressed", graph)]
         summary = json.loads(json.dumps(report.to_dict(), default=str))
         self.stages.save("compressed", key, summary, files)

@@ -118,6 +118,7 @@ def test_the_recipe_reproduces_the_pipeline(env, monkeypatch):
     (["--target", "x86", "--speedup", "2", "--latency", "1"], "not both"),
     (["--target", "x86", "--speedup", "2", "--data", "mnist1d-mlp"], "shape"),
     (["--target", "x86", "--speedup", "2", "--engine", "openvino"], "engine"),
+    (["--target", "arm64", "--speedup", "2", "--rpc-tracker", "127.0.0.1:9"], "unreachable"),
 ])
 def test_bad_input_fails_with_status_2_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
