@@ -17,7 +17,7 @@ from tensorfold.ir.specs import Conv, chain_cost
 from . import alds_allocation as allocation
 from .decompose import alds as alds_math
 from .equivalent import dense_weight, weight_error
-from .factorize import _candidates, _matches, _patterns
+from .factorize import is_selected, selected_layers
 from .measure import layer_error
 from .progress import progress_bar
 from .rank_budget import Budget, BudgetError, parse_budget
@@ -53,11 +53,11 @@ def _chunk_choices(layer: Layer, forced: int) -> list[int] | str:
 
 def _tables(graph: Graph, options: dict, context: PassContext,
             report: PassReport) -> list[tuple[Layer, allocation.LayerTable]]:
-    for layer in graph.layers():  # _candidates lists conv/linear only: say why transposed convs stay
-        if layer.kind == "conv_transpose" and _wanted(layer.name, options):
+    for layer in graph.layers():  # selected_layers lists conv/linear only: say why transposed convs stay
+        if layer.kind == "conv_transpose" and is_selected(layer.name, options):
             report.skip(layer.name, "transposed conv: alds factors Conv and Linear layers")
     layers, tables = [], []
-    for layer in _candidates(graph, options, report):
+    for layer in selected_layers(graph, options, report):
         reason = alds_math.check_alds(layer.spec)
         choices = _chunk_choices(layer, options["chunks"]) if reason is None else reason
         if isinstance(choices, str):
@@ -70,11 +70,6 @@ def _tables(graph: Graph, options: dict, context: PassContext,
                                                          options["error"])))
             advance()
     return tables
-
-
-def _wanted(name: str, options: dict) -> bool:
-    include, exclude = _patterns(options["include"]), _patterns(options["exclude"])
-    return (not include or _matches(name, include)) and not (exclude and _matches(name, exclude))
 
 
 def alds(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:

@@ -75,7 +75,13 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _candidates(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
+def is_selected(name: str, options: dict) -> bool:
+    """Whether the layer `name` passes the pass's include= / exclude= patterns."""
+    include, exclude = _patterns(options["include"]), _patterns(options["exclude"])
+    return (not include or _matches(name, include)) and not (exclude and _matches(name, exclude))
+
+
+def selected_layers(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
     layers = [l for l in graph.layers() if l.kind in ("conv", "linear")]
     include, exclude = _patterns(options["include"]), _patterns(options["exclude"])
     for label, patterns in (("include", include), ("exclude", exclude)):
@@ -140,7 +146,7 @@ def factorize(method: str, graph: Graph, options: dict, context: PassContext) ->
     graph = graph.copy()
     key = METHODS[method].policy_name(options)
     order = {l.name: i for i, l in enumerate(graph.layers())}
-    layers = _candidates(graph, options, report)
+    layers = selected_layers(graph, options, report)
     moments = None
     if options.get("data"):  # statistics of the pass's input graph, for every layer it may factor
         applicable = [l for l in layers if rp.METHODS[key].check(l.spec) is None]

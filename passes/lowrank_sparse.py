@@ -26,7 +26,7 @@ from tensorfold.ir.specs import Conv, Linear, ParallelSum, Spec, chain_cost, cos
 from tensorfold.ir.torch_modules import run_specs
 
 from .decompose.lowrank_sparse import FitData, LowRankSparse, columns_of, lowrank_sparse as fit
-from .factorize import _candidates as factorize_candidates
+from .factorize import selected_layers
 from .layer_data import SecondMoment, patch_width, patches, require_calibration, split_feeds
 from .measure import Feeds, layer_error
 from .progress import progress_bar
@@ -91,7 +91,7 @@ def _check_options(options: dict) -> None:
 def _candidates(graph: Graph, options: dict, report: PassReport) -> list[Layer]:
     """factorize's candidates (patterns, unreadable layers), less the layers this pass cannot split."""
     chosen = []
-    for layer in factorize_candidates(graph, options, report):
+    for layer in selected_layers(graph, options, report):
         if (reason := _unsupported(layer.spec)) is not None:
             report.skip(layer.name, reason)
         else:

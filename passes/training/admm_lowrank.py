@@ -22,7 +22,7 @@ from tensorfold.ir.specs import Linear, Spec, chain_cost
 from .. import decompose as dec
 from .. import rank_policy as rp
 from ..decompose.projection import project_rank, project_tt
-from ..factorize import _candidates
+from ..factorize import selected_layers
 from ..registry import Option, PassContext, register
 from ..report import LayerRecord, PassReport
 from .finetune import finetune_graph, parse_options
@@ -137,7 +137,7 @@ def _targets(graph: Graph, options: dict, report: PassReport) -> dict[str, tuple
     policy = rp.parse_rank_policy(f"rank={options['rank']}" if options.get("rank") not in (None, "")
                                   else f"ratio={options['ratio'] or 4}")
     chosen = {}
-    for layer in _candidates(graph, options, report):
+    for layer in selected_layers(graph, options, report):
         if not isinstance(layer.spec, Linear):
             report.skip(layer.name, "admm_lowrank constrains Linear layers")
             continue
