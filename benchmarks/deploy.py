@@ -56,7 +56,10 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     b = budget_fraction(folded, ratio)
     flops_based, flops_report = tf.compress(original, f"fold_bn, tucker2(budget=flops:{b:.4f})")
     task = task_name(model)
-    measured = tf.measure([("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)],
+    candidates = [("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)]
+    if report["int8"].get("int8"):  # deploy's fp32 model too: the same FLOPs as flops-based, before int8
+        candidates.insert(2, ("deploy fp32", tf.load(os.path.join(out, "stages", "compressed.onnx"))))
+    measured = tf.measure(candidates,
                           args.target, data=task, rounds=args.rounds, engines=[report["engine"]], progress=True)
     rows = {r["candidate"]: r for r in measured.rows}
 
@@ -67,13 +70,14 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
         return (rows[name].get("accuracy") or {}).get("top1")
     refused = report["selection"]["refused"]
     return {"model": model, "speedup_asked": speedup, "machine": host_cpu(), "engine": report["engine"],
-            "threads": report["threads"], "deploy_verdict": report["verdict"], "predicted_ms":
+            "threads": report["threads"], "deploy_verdict": report["verdict"], "int8": report["int8"], "predicted_ms":
             report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
             "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
             "flops_ratio": ratio, "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})",
             "flops_based_flops_ratio": flops_report.flops_after / flops_report.flops_before,
             "same_run": {"original_ms": ms("original"), "deploy_ms": ms("deploy"), "flops_based_ms": ms("flops-based"),
                          "deploy_speedup": ms("original") / ms("deploy"),
+                         "deploy_fp32_ms": ms("deploy fp32") if "deploy fp32" in rows else None,
                          "flops_based_speedup": ms("original") / ms("flops-based"),
                          "top1": {n: top1(n) for n in rows}},
             "refused": refused, "layers_replaced": sum(1 for k in report["selection"]["choices"].values()
@@ -100,7 +104,9 @@ def main(argv=None) -> int:
                   f"{same['deploy_ms']:.3f} ms ({same['deploy_speedup']:.2f}x, {1 / row['flops_ratio']:.2f}x fewer "
                   f"FLOPs) {top1.get('deploy')}; flops-based {same['flops_based_ms']:.3f} ms "
                   f"({same['flops_based_speedup']:.2f}x, {1 / row['flops_based_flops_ratio']:.2f}x fewer FLOPs) "
-                  f"{top1.get('flops-based')}")
+                  f"{top1.get('flops-based')}"
+                  + (f"; deploy before int8 {same['deploy_fp32_ms']:.3f} ms {top1.get('deploy fp32')}"
+                     if same["deploy_fp32_ms"] else ""))
             print(f"  deploy replaced {row['layers_replaced']} of {row['layers']} layers; refused (not faster "
                   f"than the layer): " + (", ".join(f"{k}: {', '.join(v)}" for k, v in row["refused"].items())
                                           or "none"))

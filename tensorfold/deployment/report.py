@@ -105,7 +105,11 @@ def markdown(report: dict, out: str) -> str:
                   f"median of back-to-back runs lasting about {table['sample_ms']:g} ms"
                   + (" (emulated under qemu: not device times)" if table["emulated"] else "") + ". "
                   f"Original end to end (as tf.measure times it: single calls after a 0.2 s pause): "
-                  f"{_ms(table['original_ms']['median_ms'])} ms; its candidate layers sum to "
+                  f"{_ms(table['original_ms']['median_ms'])} ms"
+                  + (f" (the least loaded of blocks with medians "
+                     f"{', '.join(_ms(b) for b in table['original_ms']['blocks_median_ms'])} ms)"
+                     if table["original_ms"].get("blocks_median_ms") else "")
+                  + f"; its candidate layers sum to "
                   f"{_ms(table['layers_ms'])} ms, so the rest of the model (overhead) is "
                   f"{_ms(table['overhead_ms'])} ms. Predicted latency = overhead + the chosen layers' latencies.",
                   "", f"Latency cache {cache['path']}: " + (
