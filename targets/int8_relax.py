@@ -10,12 +10,14 @@ language (`relax.dpl.rewrite_call`):
       -> (conv2d(pad(x_q, value=z_x), w_q, out_dtype=int32) - z_x * sum(w_q)) * (s_x * s_w)
 
 On a CPU with a dot-product instruction (x86 VNNI, AArch64 sdot) an ungrouped conv2d runs
-in that instruction's blocked layout instead (int8_layout.py).
+in that instruction's blocked layout instead (int8_layout.py), and with fixed-point
+requantization the activations between blocked convs stay blocked (int8_blocked.py).
 
 Padding with z_x (the quantized zero) keeps the borders exact, and the z_x * sum(w_q)
 term removes the activation's zero point after an u8 x s8 -> s32 accumulation (the
-pair VNNI multiplies). Matmul (Gemm, MatMul) likewise. Requantisation of the output is
-the float multiply by s_x * s_w followed by the graph's own `quantize`.
+pair VNNI multiplies). Matmul (Gemm, MatMul) likewise. A conv whose output is not
+quantized next, and every matmul, keep the float requantization: multiply by s_x * s_w,
+then the graph's own `quantize`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .int8_layout import blocked_conv2d, per_channel, unblock
+from .int8_requant import quantize_multiplier, requantize_relax
 
 INTEGER_INPUTS = ("uint8", "int8")
 
@@ -39,22 +42,25 @@ class Int8Lowering:
     dot_product: str | None = None  # the instruction blocked convolutions are laid out for
     tensorized: list[str] = field(default_factory=list)  # kernels whose schedule calls that instruction
     instructions: dict | None = None  # int8 multiply instructions in the library (int8_instructions.census)
+    layout_changes: dict | None = None  # into / out of the blocked layout, re-blockings (int8_blocked)
 
     def to_json(self) -> dict:
         return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels,
                 "dot_product": self.dot_product, "tensorized_kernels": self.tensorized,
-                "machine_instructions": self.instructions}
+                "machine_instructions": self.instructions, "layout_changes": self.layout_changes}
 
 
 def has_qdq(mod) -> bool:
     return "R.dequantize(" in mod.script(show_meta=False)
 
 
-def lower_qdq(mod, layout=None):
+def lower_qdq(mod, layout=None, fixed_point: bool = True):
     """(module with integer conv2d/matmul, Int8Lowering).
 
     layout: an int8_layout.DotLayout to run ungrouped conv2d in the blocked layout of the
     target's dot-product instruction (None: NCHW, left to LLVM's vectoriser).
+    fixed_point: requantize a conv's output in integers where the graph quantizes it
+    next (False: every conv keeps the float requantization).
     """
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
@@ -68,6 +74,12 @@ def lower_qdq(mod, layout=None):
     w_t = is_op("relax.permute_dims")(w_dq)
     matmul = is_op("relax.matmul")(x_dq, w_t | w_dq)
     names = {"x_q": x_q, "s_x": s_x, "z_x": z_x, "w_q": w_q, "s_w": s_w, "z_w": z_w, "w_dq": w_dq}
+    # quantize(conv + bias) / quantize(conv): the conv with its requantization
+    b_q, s_b, z_b = is_const(), is_const(), is_const()
+    b_dq = is_op("relax.dequantize")(b_q, s_b, z_b)
+    biased = is_op("relax.add")(conv, is_op("relax.reshape")(b_dq, wildcard()) | b_dq)
+    s_y, z_y = is_const(), is_const()
+    requantized = is_op("relax.quantize")(biased | conv, s_y, z_y)
 
     def parts(matches) -> dict | None:
         got = {k: matches[p] for k, p in names.items()}
@@ -100,15 +112,52 @@ def lower_qdq(mod, layout=None):
             dequantized = _dequantized(acc, per_channel(correction, padded, layout),
                                        per_channel(scale, padded, layout))
             return unblock(dequantized, _out_shape(call), padded)
-        top, left, bottom, right = (int(v) for v in attrs.padding)
-        data = p["x_q"]
-        if top or left or bottom or right:
-            data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
-        acc = relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
-                                 dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
+        acc = _nchw_conv2d(p["x_q"], weight, zero, attrs)
         correction = zero * weight_sums
         lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} u8 x s8 -> s32")
         return _dequantized(acc, correction.reshape(1, channels, 1, 1), scale.reshape(1, channels, 1, 1))
+
+    def rewrite_requantized(call, matches):
+        conv_call = matches[conv]
+        p = parts(matches)
+        attrs = conv_call.attrs
+        out_dtype = str(call.attrs.out_dtype)
+        s_out, z_out = matches[s_y].value.numpy(), matches[z_y].value.numpy()
+        if p is None or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" \
+                or (p["s_w"].size > 1 and p["axis"] != 0) or s_out.size != 1 or z_out.size != 1 \
+                or out_dtype not in INTEGER_INPUTS:
+            return call  # the plain conv rewrite below decides (float requantization)
+        weight, zero = p["w_q"], int(p["z_x"].reshape(()))
+        channels = weight.shape[0]
+        weight_sums = weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
+        scale = p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(
+            p["s_w"].astype(np.float64).reshape(-1), (channels,))
+        bias = np.zeros(channels)
+        if matches.get(b_dq) is not None:
+            b = matches[b_q].value.numpy().astype(np.float64) - matches[z_b].value.numpy().astype(np.float64)
+            b = (b * matches[s_b].value.numpy().astype(np.float64)).reshape(-1)
+            if b.size not in (1, channels):
+                return call
+            bias = np.broadcast_to(b, (channels,))
+        # the bias in accumulator units: exactly its int32 values when its scale is s_x * s_w (ONNX's convention)
+        bias_acc = np.round(bias / np.where(scale == 0, 1, scale)).astype(np.int64)
+        m, shift = quantize_multiplier(scale / float(s_out.reshape(())))
+        z = int(z_out.reshape(()))
+        if layout is not None and int(attrs.groups) == 1:
+            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
+            offset = bias_acc - data_zero * weight_sums
+            kind = "s8 x s8" if layout.data_dtype == "int8" else "u8 x s8"
+            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
+                                     f"({layout.instruction}), fixed-point requantization")
+            acc = relax.op.add(acc, relax.const(per_channel(offset.astype(np.int32), padded, layout)))
+            q = requantize_relax(acc, per_channel(m, padded, layout), per_channel(shift, padded, layout),
+                                 z, out_dtype)
+            return unblock(q, _out_shape(conv_call), padded)
+        acc = _nchw_conv2d(p["x_q"], weight, zero, attrs)
+        offset = (bias_acc - zero * weight_sums).astype(np.int32).reshape(1, channels, 1, 1)
+        lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} u8 x s8 -> s32, fixed-point requantization")
+        acc = relax.op.add(acc, relax.const(offset))
+        return requantize_relax(acc, m.reshape(1, channels, 1, 1), shift.reshape(1, channels, 1, 1), z, out_dtype)
 
     def rewrite_matmul(call, matches):
         p = parts(matches)
@@ -140,13 +189,32 @@ def lower_qdq(mod, layout=None):
     updated = {}
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
+            if fixed_point:
+                func = rewrite_call(requantized, rewrite_requantized, func)
             func = rewrite_call(conv, rewrite_conv, func)
             func = rewrite_call(matmul, rewrite_matmul, func)
         updated[gvar] = func
     mod = mod.clone()  # the caller's module stays as it was
     for gvar, func in updated.items():
         mod[gvar] = func
-    return relax.transform.DeadCodeElimination()(mod), lowering
+    mod = relax.transform.DeadCodeElimination()(mod)
+    if layout is not None and fixed_point:
+        from .int8_blocked import keep_blocked, layout_changes
+
+        mod, _ = keep_blocked(mod)
+        lowering.layout_changes = layout_changes(mod)
+    return mod, lowering
+
+
+def _nchw_conv2d(data, weight: np.ndarray, zero: int, attrs):
+    """int32 NCHW conv2d of u8 `data` (zero point `zero`, padded with it) and s8 `weight`."""
+    from tvm import relax
+
+    top, left, bottom, right = (int(v) for v in attrs.padding)
+    if top or left or bottom or right:
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
+    return relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
+                              dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
 
 
 def _out_shape(call) -> list[int]:
