@@ -125,8 +125,12 @@ def chain_graph(specs, in_shape, name: str) -> OnnxGraph:
         nodes += n
         inits += i
         current = out
+    from tensorfold.ir.torch_modules import run_specs
+
+    # the output's shape too: TVM's import (through onnxsim) refuses an output without one
+    out_shape = list(np.shape(run_specs(list(specs), np.zeros(in_shape, np.float32))))
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = min(model.ir_version, 9)
     return OnnxGraph(model, name)
