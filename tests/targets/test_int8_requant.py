@@ -163,7 +163,7 @@ def test_blocked_fixed_point_lowering_is_bit_exact_with_nchw(residual_graph):
 def test_blocked_network_build_has_one_layout_change_in_and_one_out(residual_graph, tmp_path):
     from tensorfold.targets import load_artifact
 
-    built = tf.build(residual_graph, "x86", tmp_path / "blocked", progress=False)
+    built = tf.build(residual_graph, "x86", tmp_path / "blocked", progress=False, int8_network="blocked")
     lowering = built.manifest["int8"]
     assert lowering["layout_changes"] == {"to_blocked": 1, "from_blocked": 1, "reblock": 3}, lowering
     assert len(lowering["int8_kernels"]) == 4
