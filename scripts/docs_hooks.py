@@ -12,7 +12,10 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 
+
+@event_priority(100)  # before mkdocstrings sets up its handler, which drops search paths that do not exist yet
 def on_config(config):
     root = Path(config.config_file_path).parent
     package_dir = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
