@@ -32,6 +32,7 @@ from ..decompose.active_subspace import active_subspace
 from ..registry import Option, PassContext, register
 from ..report import LayerRecord, PassReport
 from ..ron_chain import Block, blocks_of, check_on_data
+from .finetune import graph_outputs
 from .loop import FitOptions, Labelled, fit
 
 OPTIONS = {
@@ -171,8 +172,7 @@ def _record(graph: Graph, tensor: str, x: np.ndarray) -> np.ndarray:
 
 
 def _outputs(graph: Graph, x: np.ndarray) -> np.ndarray:
-    name, out = graph.inputs[0].name, graph.output_names[0]
-    return np.concatenate([graph.run({name: x[i:i + BATCH]})[out] for i in range(0, len(x), BATCH)]).astype(np.float32)
+    return graph_outputs(graph, x, BATCH).astype(np.float32)
 
 
 def _tail_module(tail: list[Block]) -> nn.Module:

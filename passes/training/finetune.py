@@ -70,7 +70,7 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
     train, heldout = data.split(options["holdout"], options["seed"])
     teacher_out = None
     if teacher is not None:
-        teacher_out = _teacher_outputs(teacher, train.x)
+        teacher_out = graph_outputs(teacher, train.x)
         student_shape = outputs(view.module, train.x[:1]).shape[1:]
         if teacher_out.shape[1:] != student_shape:
             raise PipelineError(f"{label}: the teacher {teacher.source} outputs shape {teacher_out.shape[1:]}, the "
@@ -139,7 +139,8 @@ def _frozen_layers(graph: Graph, freeze: str, report: PassReport) -> list[str]:
     return frozen
 
 
-def _teacher_outputs(teacher: Graph, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def graph_outputs(teacher: Graph, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The graph's first output on `x`, run in batches."""
     name = teacher.inputs[0].name
     key = teacher.output_names[0]
     return np.concatenate([teacher.run({name: x[i:i + batch]})[key] for i in range(0, len(x), batch)])
