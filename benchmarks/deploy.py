@@ -21,7 +21,7 @@ import tempfile
 
 import tensorfold as tf
 from tensorfold.models import resolve, task_name
-from tensorfold.passes import rank_policy as rp
+from tensorfold.passes.ranks import policy as rp
 from tensorfold.targets.registry import host_cpu
 
 

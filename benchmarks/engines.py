@@ -108,7 +108,7 @@ def _x86_key() -> str:
 
 def _print_tuning(work: str, candidates: dict) -> None:
     """Budget, time and untuned tasks of each tuned build, and the tasks that take most of its time."""
-    from tensorfold.targets.tuning_profile import top_tasks
+    from tensorfold.targets.tuning.profile import top_tasks
 
     for candidate in candidates:
         # where tf.measure builds a candidate: <work_dir>/<candidate>/<target key>

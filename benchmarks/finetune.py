@@ -25,7 +25,8 @@ import numpy as np
 
 import tensorfold as tf
 from tensorfold.models import resolve
-from tensorfold.passes import parse, rank_policy as rp
+from tensorfold.passes import parse
+from tensorfold.passes.ranks import policy as rp
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task
 

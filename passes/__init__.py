@@ -8,7 +8,8 @@ from .registry import PASSES, Option, PassContext, register
 from .report import LayerRecord, PassReport, Report
 
 # every module that registers passes; imported on first use so `passes` stays cheap to import
-PASS_MODULES = ["fold_bn", "factorize", "alds", "int8", "kmeans", "huffman", "lowrank_sparse", "ron", "training.finetune", "training.musco", "training.admm_lowrank", "training.asnet"]
+PASS_MODULES = ["fold_bn", "substitute.factorize", "substitute.alds", "quantize.int8", "quantize.kmeans", "quantize.huffman",
+                 "substitute.lowrank_sparse", "ron", "training.finetune", "training.musco", "training.admm_lowrank", "training.asnet"]
 
 
 def load_all() -> dict:

@@ -18,13 +18,13 @@ from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
 from .frontend import to_relax
-from .int8_instructions import census
-from .int8_layout import dot_layout_for, tensorized_kernels
-from .int8_layout import legalize as legalize_int8_layout
-from .int8_relax import has_qdq, int8_kernels, lower_qdq
+from .int8.instructions import census
+from .int8.layout import dot_layout_for, tensorized_kernels
+from .int8.layout import legalize as legalize_int8_layout
+from .int8.relax import has_qdq, int8_kernels, lower_qdq
 from .linking import check_toolchain, export
 from .registry import Target, get_target
-from .tuning import TuningSummary, default_database_dir, tune
+from .tuning.tune import TuningSummary, default_database_dir, tune
 
 
 INT8_NETWORKS = ("per-conv", "blocked")
@@ -117,7 +117,7 @@ def _prepare(mod, target: Target, prepack: bool):
     from tvm import relax
 
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-              # blocked int8 conv2d (int8_layout.py) has no TOPI legalization; the rest is TVM's own
+              # blocked int8 conv2d (targets/int8/layout.py) has no TOPI legalization; the rest is TVM's own
               legalize_int8_layout(),
               relax.get_pipeline("zero")]
     if prepack:

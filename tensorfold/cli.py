@@ -133,7 +133,7 @@ def _print_artifact(artifact) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tensorfold.targets.tuning_profile import top_tasks
+    from tensorfold.targets.tuning.profile import top_tasks
 
     manifest, tuning = artifact.manifest, artifact.manifest["tuning"]
     table = Table(title=f"built {manifest['source']} for {manifest['target']['name']}", show_header=False)

@@ -80,7 +80,7 @@ def test_folder_imports_point_one_way(folder):
     ("runtime", "from tensorfold.examples import digits\n", "tensorfold.runtime.datasets", False),
     ("runtime", "from tensorfold import cli\n", "tensorfold.runtime.x", False),
     ("ir", "from tensorfold.models import resolve\n", "tensorfold.ir.graph", False),
-    ("passes", "from ..runtime.calibration import calibration_feeds\n", "tensorfold.passes.int8", False),
+    ("passes", "from ...runtime.calibration import calibration_feeds\n", "tensorfold.passes.quantize.int8", False),
     ("passes", "from tensorfold.targets import get_target\n", "tensorfold.passes.x", False),
     ("ir", "from tensorfold.passes import registry\n", "tensorfold.ir.x", False),
     ("runtime", "from ... import measure\n", "tensorfold.runtime.tasks", True),

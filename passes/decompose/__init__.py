@@ -1,6 +1,6 @@
 """Pure factorization math: layer specs in, factor layer specs out (docs/methods.md).
 
-No graph surgery here: a pass picks the layers and the ranks (`tensorfold.passes.rank_policy`)
+No graph surgery here: a pass picks the layers and the ranks (`tensorfold.passes.ranks.policy`)
 and splices the returned specs into the graph. Every method works in float64 and stores the
 factor weights as float32; ranks of grouped convs are per group. A layer a method cannot
 factor raises `NotFactorable` (its `reason` is the skip reason); bad arguments raise

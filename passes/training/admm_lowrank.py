@@ -20,9 +20,9 @@ from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Linear, Spec, chain_cost
 
 from .. import decompose as dec
-from .. import rank_policy as rp
+from ..ranks import policy as rp
 from ..decompose.projection import project_rank, project_tt
-from ..factorize import selected_layers
+from ..substitute.factorize import selected_layers
 from ..registry import Option, PassContext, register
 from ..report import LayerRecord, PassReport
 from .finetune import finetune_graph, parse_options

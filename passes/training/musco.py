@@ -17,9 +17,9 @@ from tensorfold.ir.graph import Graph
 from tensorfold.ir.specs import Linear, Spec, chain_cost
 
 from .. import decompose as dec
-from .. import rank_policy as rp
+from ..ranks import policy as rp
 from ..decompose import recompress as rc
-from ..factorize import factorize
+from ..substitute.factorize import factorize
 from ..measure import layer_error
 from ..registry import Option, PassContext, get, register
 from ..report import LayerRecord, PassReport

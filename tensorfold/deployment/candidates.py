@@ -15,9 +15,9 @@ from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Spec, chain_cost, cost
 from tensorfold.ir.torch_modules import run_specs
 from tensorfold.passes import decompose as dec
-from tensorfold.passes import rank_policy as rp
+from tensorfold.passes.ranks import policy as rp
 from tensorfold.passes.equivalent import weight_error
-from tensorfold.passes.factorize import METHODS as FACTORIZATIONS
+from tensorfold.passes.substitute.factorize import METHODS as FACTORIZATIONS
 
 RATES = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 ERROR_SAMPLES = 32       # calibration samples the candidates' errors are measured on

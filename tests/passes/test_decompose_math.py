@@ -12,7 +12,7 @@ from tensorfold.ir.specs import Conv, Linear, TTLinear, chain_cost, chain_out_sh
 from tensorfold.ir.torch_modules import run_specs
 from tensorfold.passes import decompose as dec
 from tensorfold.passes.decompose.als_einsum import PartialCache, cp_als_einsum, mttkrp
-from tensorfold.passes.rank_policy import cost_function, max_ranks
+from tensorfold.passes.ranks.policy import cost_function, max_ranks
 
 RNG = np.random.default_rng(1234)  # builds the layer zoo at import; tests use their own seeds
 

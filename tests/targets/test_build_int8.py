@@ -63,7 +63,7 @@ class Awkward(nn.Module):
 
 def _host_dot_layout():
     from tensorfold.targets import get_target
-    from tensorfold.targets.int8_layout import dot_layout_for
+    from tensorfold.targets.int8.layout import dot_layout_for
 
     return dot_layout_for(get_target("x86").tvm_target)
 
@@ -76,8 +76,8 @@ def test_lowering_matches_the_float_qdq_math(tmp_path, blocked):
     from tvm import relax
     import tvm
     from tensorfold.targets.frontend import to_relax
-    from tensorfold.targets.int8_layout import legalize
-    from tensorfold.targets.int8_relax import lower_qdq
+    from tensorfold.targets.int8.layout import legalize
+    from tensorfold.targets.int8.relax import lower_qdq
 
     torch.manual_seed(0)
     model = Awkward().eval()
@@ -133,7 +133,7 @@ def test_blocked_conv2d_sums_exactly_what_the_nchw_conv_sums(stride, padding, di
     import tvm
     from tvm import relax
 
-    from tensorfold.targets.int8_layout import blocked_conv2d, legalize, unblock
+    from tensorfold.targets.int8.layout import blocked_conv2d, legalize, unblock
 
     layout = _host_dot_layout()
     c_in, c_out = channels
@@ -225,8 +225,8 @@ def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
     from tensorfold.targets import get_target
     from tensorfold.targets.build import _prepare
     from tensorfold.targets.frontend import to_relax
-    from tensorfold.targets.int8_relax import lower_qdq
-    from tensorfold.targets.tuning_spaces import spaces
+    from tensorfold.targets.int8.relax import lower_qdq
+    from tensorfold.targets.tuning.spaces import spaces
 
     target = get_target("x86")
     layout = _host_dot_layout()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.targets.int8_requant import (quantize_multiplier, requantize_float, requantize_reference,
+from tensorfold.targets.int8.requant import (quantize_multiplier, requantize_float, requantize_reference,
                                              rounding_terms)
 
 
@@ -57,7 +57,7 @@ def test_relax_requantization_is_bit_exact_with_the_numpy_formula():
     import tvm
     from tvm import relax
 
-    from tensorfold.targets.int8_requant import requantize_relax
+    from tensorfold.targets.int8.requant import requantize_relax
 
     rng = np.random.default_rng(2)
     channels = 24
@@ -109,8 +109,8 @@ def _run_lowered(graph, layout, fixed_point, x):
     from tvm import relax
 
     from tensorfold.targets.frontend import to_relax
-    from tensorfold.targets.int8_layout import legalize
-    from tensorfold.targets.int8_relax import lower_qdq
+    from tensorfold.targets.int8.layout import legalize
+    from tensorfold.targets.int8.relax import lower_qdq
 
     lowered, lowering = lower_qdq(to_relax(graph)[0], layout, fixed_point=fixed_point)
     vm = relax.VirtualMachine(tvm.compile(legalize()(lowered), target=tvm.target.Target.from_device(tvm.cpu())),
@@ -127,7 +127,7 @@ def _output_scale(model) -> float:
 
 def _host_dot_layout():
     from tensorfold.targets import get_target
-    from tensorfold.targets.int8_layout import dot_layout_for
+    from tensorfold.targets.int8.layout import dot_layout_for
 
     return dot_layout_for(get_target("x86").tvm_target)
 

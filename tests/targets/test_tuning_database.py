@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tensorfold.targets.tuning_database import (PENDING_SUFFIX, RECORD_FILE, WORKLOAD_FILE, open_database,
+from tensorfold.targets.tuning.database import (PENDING_SUFFIX, RECORD_FILE, WORKLOAD_FILE, open_database,
                                                 repair_database)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.targets.tuning_database import RECORD_FILE
+from tensorfold.targets.tuning.database import RECORD_FILE
 
 TRIALS = 8  # two tasks, four candidates each: one batch per task
 
@@ -26,7 +26,7 @@ TUNING_RUN = textwrap.dedent("""
     import torch
     from torch import nn
     import tensorfold as tf
-    from tensorfold.targets import tuning_progress
+    from tensorfold.targets.tuning import progress as tuning_progress
 
     count = tuning_progress.TrialProgress.add_measured
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.targets.tuning_database import RECORD_FILE, WORKLOAD_FILE
+from tensorfold.targets.tuning.database import RECORD_FILE, WORKLOAD_FILE
 
 TRIALS = 4  # a handful: tuning is slow on 2 cores; what is tested is the bookkeeping and reuse
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tensorfold.ir.errors import PipelineError
-from tensorfold.passes.evbmf import evbmf, weaken
+from tensorfold.passes.ranks.evbmf import evbmf, weaken
 
 
 def low_rank_plus_noise(L: int, M: int, rank: int, sigma: float, seed: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def dot_layout_for(tvm_target: dict) -> DotLayout | None:
     if tvm_target.get("kind") != "llvm":
         return None
     if triple.startswith("x86_64") and codegen.target_has_features("avx512vnni", tvm.target.Target(tvm_target)):
-        from .intrinsics import register_vnni
+        from ..tuning.intrinsics import register_vnni
 
         register_vnni()
         return VNNI

@@ -12,7 +12,7 @@ from torch import nn
 
 import tensorfold as tf
 from tensorfold.ir.errors import PipelineError
-from tensorfold.passes import rank_policy as rp
+from tensorfold.passes.ranks import policy as rp
 from tensorfold.passes.measure import relative_error
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -14,9 +14,9 @@ from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
 
 from .codebook import MAX_CLUSTERS, code_uniform, code_weight, fit_codebook, outlier_mask
-from .measure import layer_error, relative_error
-from .registry import Option, PassContext, register
-from .report import LayerRecord, PassReport
+from ..measure import layer_error, relative_error
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
 
 _KINDS = ("conv", "conv_transpose", "linear")
 

@@ -8,7 +8,7 @@ import pytest
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.specs import Conv, Cost, Linear, chain_cost, cost
 from tensorfold.passes import decompose as dec
-from tensorfold.passes import rank_policy as rp
+from tensorfold.passes.ranks import policy as rp
 
 
 def conv(out, in_, k=3, groups=1, seed=0) -> Conv:

@@ -16,13 +16,13 @@ from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Conv, Linear, Spec
 
-from . import decompose as dec
-from . import rank_policy as rp
-from .decompose._common import group_kernels
-from .equivalent import dense_weight
-from .layer_data import SecondMoment, require_calibration, second_moments, split_feeds
-from .measure import Feeds
-from .report import PassReport
+from .. import decompose as dec
+from ..ranks import policy as rp
+from ..decompose._common import group_kernels
+from ..equivalent import dense_weight
+from ..layer_data import SecondMoment, require_calibration, second_moments, split_feeds
+from ..measure import Feeds
+from ..report import PassReport
 
 
 @dataclass

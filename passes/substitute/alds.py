@@ -1,7 +1,7 @@
 """The alds pass: one shared error ε for all layers, each layer its own chunks k and rank j.
 
 The math is in `passes/decompose/alds.py`, the bisection of the shared error in
-`passes/alds_allocation.py`; this module picks the layers, splices the factors in through
+`passes/ranks/alds_allocation.py`; this module picks the layers, splices the factors in through
 the graph view and reports per layer k, j, its error figures and the spectral error reached.
 """
 from __future__ import annotations
@@ -14,15 +14,15 @@ from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Conv, chain_cost
 
-from . import alds_allocation as allocation
-from .decompose import alds as alds_math
-from .equivalent import dense_weight, weight_error
+from ..ranks import alds_allocation as allocation
+from ..decompose import alds as alds_math
+from ..equivalent import dense_weight, weight_error
 from .factorize import is_selected, selected_layers
-from .measure import layer_error
-from .progress import progress_bar
-from .rank_budget import Budget, BudgetError, parse_budget
-from .registry import Option, PassContext, register
-from .report import LayerRecord, PassReport
+from ..measure import layer_error
+from ..progress import progress_bar
+from ..ranks.budget import Budget, BudgetError, parse_budget
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
 
 LINEAR_NOTE = "Linear: k=1 (a grouped first factor needs a conv), plain SVD"
 MEASURES = ("bound", "paper")

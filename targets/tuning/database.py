@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tensorfold.ir.errors import BuildError, TargetError
 
-from .registry import Target
+from ..registry import Target
 
 WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so that
 RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too

@@ -1,6 +1,6 @@
 """Keep int8 activations in the blocked layout between blocked convolutions (graph surgery only).
 
-After `int8_relax.lower_qdq` with a dot-product layout, every blocked conv reads its input
+After `relax.lower_qdq` with a dot-product layout, every blocked conv reads its input
 through `layout_transform(x, NCHW -> NCHW4c)` and hands its requantized u8 output back
 through `unblock` (NCHW16c -> NCHW: permute_dims, reshape, strided_slice); the residual
 adds, relus, quantize / dequantize pairs and poolings between convs run in NCHW. This pass
@@ -63,7 +63,7 @@ def _rewrite(func, name: str):
     import tvm
     from tvm import relax
 
-    from .int8_layout import unblock
+    from .layout import unblock
 
     body = func.body
     if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1 \

@@ -1,7 +1,7 @@
 """int8: post-training static quantization into a QDQ ONNX graph (onnxruntime.quantization).
 
 onnxruntime's quantizer is the kept implementation of min/max and percentile calibration
-and of the QDQ format that its int8 kernels (and TVM's import, see targets/int8_relax.py)
+and of the QDQ format that its int8 kernels (and TVM's import, see targets/int8/relax.py)
 recognise, so this pass drives it rather than writing another quantizer: weights int8,
 symmetric, per output channel; activations uint8 (asymmetric) per tensor — u8 x s8 is the
 pair x86 VNNI multiplies. A torch graph is exported to ONNX first: the result is ONNX.
@@ -30,9 +30,9 @@ from tensorfold.ir.onnx_graph import OnnxGraph, opset_version
 from tensorfold.ir.quant_math import fake_quant
 from tensorfold.ir.specs import Linear
 
-from .measure import Feeds, layer_error
-from .registry import Option, PassContext, register
-from .report import LayerRecord, PassReport
+from ..measure import Feeds, layer_error
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -17,12 +17,12 @@ import cloudpickle
 
 from tensorfold.ir.errors import BuildError, TargetError
 
-from .registry import Target
-from .tuning_database import has_record, open_database
-from .tuning_logs import metaschedule_logging
-from .tuning_profile import profile_tasks
-from .tuning_spaces import spaces
-from .tuning_progress import TrialProgress, native_stderr_to
+from ..registry import Target
+from .database import has_record, open_database
+from .logs import metaschedule_logging
+from .profile import profile_tasks
+from .spaces import spaces
+from .progress import TrialProgress, native_stderr_to
 
 TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (docs/toolchain.md#metaschedule)
 
@@ -41,7 +41,7 @@ class TuningSummary:
     replay_failed: list[str] = field(default_factory=list)  # a record exists but did not replay: kept untuned
     applied: list[str] = field(default_factory=list)        # functions compiled with a schedule from the database
     database_repairs: list[str] = field(default_factory=list)  # damaged lines dropped before opening
-    task_profile: list[dict] = field(default_factory=list)  # tuning_profile.TaskProfile, largest share first
+    task_profile: list[dict] = field(default_factory=list)  # profile.TaskProfile, largest share first
     log_dir: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
 
 def _cross_compiler(target: Target) -> str | None:
     """The compiler that links a candidate for a remote device (None: a tracker cannot reach it)."""
-    from .linking import NDK_ENV
+    from ..linking import NDK_ENV
 
     if target.link == "cross-gcc":
         return target.cross_compiler
@@ -112,8 +112,8 @@ def _cross_compiler(target: Target) -> str | None:
 
 def _check_remote(target: Target) -> None:
     """Tuning on a device over RPC: a tracker that hands out the device, and a compiler for its .so."""
-    from .linking import NDK_ENV
-    from .rpc import RpcError, registered_keys, tracker_summary
+    from ..linking import NDK_ENV
+    from ..rpc import RpcError, registered_keys, tracker_summary
 
     placement = target.placement
     where = placement.describe(target.device)
@@ -138,7 +138,7 @@ def _runner(target: Target):
     """LocalRunner here; for a device behind a tracker, MetaSchedule's RPCRunner (one session at a time)."""
     import tvm.s_tir.meta_schedule as ms
 
-    from . import tuning_worker
+    from . import worker as tuning_worker
 
     if target.runs_here:
         return ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC)
@@ -186,7 +186,7 @@ def _apply_database(mod, database, tvm_target) -> tuple[object, list[str], list[
 def _tune_tasks(tasks, database, target: Target, trials: int, work_dir: str, progress: bool) -> int:
     import tvm.s_tir.meta_schedule as ms
 
-    from . import tuning_worker
+    from . import worker as tuning_worker
     from .intrinsics import load_for
 
     # By value, so that builder workers need not import tensorfold (and with it torch).

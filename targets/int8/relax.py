@@ -10,8 +10,8 @@ language (`relax.dpl.rewrite_call`):
       -> (conv2d(pad(x_q, value=z_x), w_q, out_dtype=int32) - z_x * sum(w_q)) * (s_x * s_w)
 
 On a CPU with a dot-product instruction (x86 VNNI, AArch64 sdot) an ungrouped conv2d runs
-in that instruction's blocked layout instead (int8_layout.py), and with fixed-point
-requantization the activations between blocked convs stay blocked (int8_blocked.py).
+in that instruction's blocked layout instead (layout.py), and with fixed-point
+requantization the activations between blocked convs stay blocked (blocked.py).
 
 Padding with z_x (the quantized zero) keeps the borders exact, and the z_x * sum(w_q)
 term removes the activation's zero point after an u8 x s8 -> s32 accumulation (the
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .int8_layout import blocked_conv2d, per_channel, unblock
-from .int8_requant import quantize_multiplier, requantize_relax
+from .layout import blocked_conv2d, per_channel, unblock
+from .requant import quantize_multiplier, requantize_relax
 
 INTEGER_INPUTS = ("uint8", "int8")
 
@@ -41,8 +41,8 @@ class Int8Lowering:
     kernels: list[str] = field(default_factory=list)  # compiled functions with int8 x int8 -> int32 reductions
     dot_product: str | None = None  # the instruction blocked convolutions are laid out for
     tensorized: list[str] = field(default_factory=list)  # kernels whose schedule calls that instruction
-    instructions: dict | None = None  # int8 multiply instructions in the library (int8_instructions.census)
-    layout_changes: dict | None = None  # into / out of the blocked layout, re-blockings (int8_blocked)
+    instructions: dict | None = None  # int8 multiply instructions in the library (instructions.census)
+    layout_changes: dict | None = None  # into / out of the blocked layout, re-blockings (blocked.py)
 
     def to_json(self) -> dict:
         return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels,
@@ -57,7 +57,7 @@ def has_qdq(mod) -> bool:
 def lower_qdq(mod, layout=None, fixed_point: bool = True):
     """(module with integer conv2d/matmul, Int8Lowering).
 
-    layout: an int8_layout.DotLayout to run ungrouped conv2d in the blocked layout of the
+    layout: a layout.DotLayout to run ungrouped conv2d in the blocked layout of the
     target's dot-product instruction (None: NCHW, left to LLVM's vectoriser).
     fixed_point: requantize a conv's output in integers where the graph quantizes it
     next (False: every conv keeps the float requantization).
@@ -199,7 +199,7 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
         mod[gvar] = func
     mod = relax.transform.DeadCodeElimination()(mod)
     if layout is not None and fixed_point:
-        from .int8_blocked import keep_blocked, layout_changes
+        from .blocked import keep_blocked, layout_changes
 
         mod, _ = keep_blocked(mod)
         lowering.layout_changes = layout_changes(mod)

@@ -25,13 +25,13 @@ from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Conv, Linear, ParallelSum, Spec, chain_cost, cost
 from tensorfold.ir.torch_modules import run_specs
 
-from .decompose.lowrank_sparse import FitData, LowRankSparse, columns_of, lowrank_sparse as fit
+from ..decompose.lowrank_sparse import FitData, LowRankSparse, columns_of, lowrank_sparse as fit
 from .factorize import selected_layers
-from .layer_data import SecondMoment, patch_width, patches, require_calibration, split_feeds
-from .measure import Feeds, layer_error
-from .progress import progress_bar
-from .registry import Option, PassContext, register
-from .report import LayerRecord, PassReport
+from ..layer_data import SecondMoment, patch_width, patches, require_calibration, split_feeds
+from ..measure import Feeds, layer_error
+from ..progress import progress_bar
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
 
 DEFAULT_RATIO = 2.0
 

@@ -1,6 +1,6 @@
 """Factorization passes (svd, spatial_svd, tucker2, cp, tt): pick layers and ranks, splice factors in.
 
-The math is in `passes/decompose` and the rank policies in `passes/rank_policy`; this module
+The math is in `passes/decompose` and the rank policies in `passes/ranks/policy.py`; this module
 only decides which layers to touch, asks for ranks, and replaces each layer by its factor
 chain through the graph view, measuring what every replacement costs in accuracy.
 """
@@ -15,14 +15,14 @@ from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
 from tensorfold.ir.specs import Spec, chain_cost
 
-from . import decompose as dec
-from . import rank_policy as rp
+from .. import decompose as dec
+from ..ranks import policy as rp
 from .data_factorize import LayerMoments, data_details, data_specs, layer_moments, sigma_energy_ranks
-from .equivalent import weight_error
-from .measure import layer_error
-from .progress import progress_bar
-from .registry import Option, PassContext, register
-from .report import LayerRecord, PassReport
+from ..equivalent import weight_error
+from ..measure import layer_error
+from ..progress import progress_bar
+from ..registry import Option, PassContext, register
+from ..report import LayerRecord, PassReport
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph
 from tensorfold.ir.huffman_code import code_lengths, fixed_lengths
 
-from .registry import PassContext, register
-from .report import LayerRecord, PassReport
+from ..registry import PassContext, register
+from ..report import LayerRecord, PassReport
 
 
 def _bytes(bits: int) -> int:

@@ -24,11 +24,11 @@ import numpy as np
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.specs import Spec, chain_cost, cost
 
-from . import decompose as dec
-from .decompose._common import group_kernels
+from .. import decompose as dec
+from ..decompose._common import group_kernels
 from .evbmf import evbmf, weaken
-from .rank_budget import (Allocation, Budget, BudgetError, LayerCandidate, allocate_budget,  # noqa: F401
-                          cost_function, layer_candidate, parse_budget)
+from .budget import (Allocation, Budget, BudgetError, LayerCandidate, allocate_budget,  # noqa: F401
+                     cost_function, layer_candidate, parse_budget)
 
 
 @dataclass(frozen=True)

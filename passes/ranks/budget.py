@@ -7,7 +7,7 @@ param or FLOP saved, until the whole model fits. The log ratio makes the loss sc
 per layer and telescopes to the product objective. A layer whose factors would cost more
 than the layer itself counts at its original cost (and is reported as kept).
 
-Re-exported by `tensorfold.passes.rank_policy`.
+Re-exported by `tensorfold.passes.ranks.policy`.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def cost_function(method: str, spec: Spec, in_shape: Sequence[int]) -> Callable[
     cost is multilinear in the ranks and the corner values determine it exactly; this avoids
     building the layout (with its arrays) at every step of the allocator.
     """
-    from .rank_policy import METHODS, max_ranks  # rank_policy re-exports this module
+    from .policy import METHODS, max_ranks  # policy re-exports this module
 
     layout = METHODS[method].layout
     choices = [(1, 2) if bound >= 2 else (1,) for bound in max_ranks(method, spec)]
@@ -90,7 +90,7 @@ class LayerCandidate:
 
 def layer_candidate(name: str, method: str, spec: Spec, in_shape: Sequence[int]) -> LayerCandidate:
     """A candidate for `allocate_budget`: the spectra and costs of `method` on `spec`."""
-    from .rank_policy import max_ranks, min_ranks, rank_spectra
+    from .policy import max_ranks, min_ranks, rank_spectra
 
     return LayerCandidate(name, rank_spectra(method, spec), cost_function(method, spec, in_shape),
                           cost(spec, in_shape), min_ranks(method, spec), max_ranks(method, spec))

@@ -20,8 +20,8 @@ import numpy as np
 
 from tensorfold.ir.specs import Conv, Cost, Linear, chain_cost, cost
 
-from .decompose import alds as alds_math
-from .rank_budget import Budget, BudgetError
+from ..decompose import alds as alds_math
+from .budget import Budget, BudgetError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import nn
 
 import tensorfold as tf
 from tensorfold.ir.errors import PipelineError
-from tensorfold.passes.codebook import fit_codebook, linear_init, lloyd_1d, nearest, uniform16
+from tensorfold.passes.quantize.codebook import fit_codebook, linear_init, lloyd_1d, nearest, uniform16
 
 
 class Small(nn.Module):

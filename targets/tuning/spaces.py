@@ -5,7 +5,7 @@ on a VNNI CPU MetaSchedule's default adds a rule that tensorizes every u8 x s8 r
 with TVM's `dot_16x4_vnni`, whose LLVM call no longer verifies (intrinsics.register_vnni),
 and which cannot map an NCHW conv or a transposed matmul anyway (the 16 x 4 weight block
 is not contiguous there), so every candidate failed and the task stayed untuned. Hence:
-- blocked int8 conv2d (int8_layout.py): on x86 the same rules with tensorfold's VNNI
+- blocked int8 conv2d (targets/int8/layout.py): on x86 the same rules with tensorfold's VNNI
   intrinsic; on AArch64 with dotprod the target's default, whose rules tensorize with sdot;
 - other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI).
 """
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .int8_layout import BLOCKED_KERNEL
-from .registry import Target
+from ..int8.layout import BLOCKED_KERNEL
+from ..registry import Target
 
 DEFAULT = "post-order-apply"
 
 
 def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
     """[(tasks, space)] for `extracted_tasks_to_tune_contexts`, empty groups left out."""
-    from .int8_relax import int8_kernels
+    from ..int8.relax import int8_kernels
 
     if target.tvm_target["kind"] != "llvm":
         return [(list(tasks), DEFAULT)]
