@@ -88,6 +88,9 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
     rows = [{"task": name, "variant": "original", "compressed": score(original), "finetuned": score(original),
              "flops_x": 1.0, "params_x": 1.0, "compress_s": 0.0, "train_s": 0.0}]
     candidates = {"original": original}
+    if args.save_models:
+        os.makedirs(args.save_models, exist_ok=True)
+        original.save(os.path.join(args.save_models, f"{name}-original.onnx"))
     for label, pipeline, ft in variants(method, b, 1 / args.flops, epochs, args.stages, args.lr, args.cp_lr):
         if args.variants and label.split(" ")[0] not in args.variants.split(","):
             continue
@@ -118,6 +121,10 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
         row["finetuned"] = score(tuned)
         rows.append(row)
         candidates[label] = tuned
+        if args.save_models:  # measured again later (e.g. a longer TVM tuning) without training again
+            os.makedirs(args.save_models, exist_ok=True)
+            row["saved"] = os.path.join(args.save_models, f"{name}-{_slug(label)}.onnx")
+            tuned.save(row["saved"])
         print(f"  {name:16s} {label:30s} {task.metric} {row['compressed'] if row['compressed'] is not None else '-'} "
               f"-> {row['finetuned']:.4f}  FLOPs {row['flops_x']:.2f}x  ({row['compress_s']} s + {row['train_s']} s)",
               file=sys.stderr)
@@ -132,6 +139,10 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
                 if ms is not None and base:
                     row[f"{engine}_ms"], row[f"{engine}_speedup"] = round(ms, 4), round(base / ms, 3)
     return rows
+
+
+def _slug(label: str) -> str:
+    return "-".join("".join(c if c.isalnum() or c == "+" else " " for c in label).split())
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
@@ -152,7 +163,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         for stage in row.get("stages", []):
             print(f"  {row['task']} {row['variant']} stage {stage['stage']}: FLOPs {stage['flops_x']}x, held-out "
                   f"{stage['heldout before finetune']} -> {stage['heldout after finetune']} "
-                  f"({stage['finetune seconds']} s)")
+                  f"({stage['finetune seconds']} s"
+                  f"{', lr backed off to ' + format(stage['finetune lr'], 'g') if 'finetune lr' in stage else ''})")
     print(f"\nCPU: {cpu_name()}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; FLOPs target "
           f"{args.flops}x; fine-tuning epochs per variant: {args.epochs or 'resnet18-digits 3, MNIST-1D 30'} (Adam, cosine; lr {args.lr}, CP {args.cp_lr}); "
           f"TVM: {args.tune_trials} MetaSchedule trials per candidate ({'untuned' if not args.tune_trials else 'tuned'}).")
@@ -172,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--report", help="write the rows as JSON here")
+    parser.add_argument("--save-models", metavar="DIR", help="write each fine-tuned model (and the original) as ONNX here")
     return parser
 
 

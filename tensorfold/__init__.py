@@ -50,7 +50,7 @@ def finetune(graph: Graph, data: Any, epochs: int = 1, lr: float = 1e-3, teacher
     """Train `graph` on labelled `data` (a task name, an ImageFolder, (inputs, labels), a DataLoader);
     with `teacher` (e.g. the original graph) it distils from it. Returns (trained graph, PassReport);
     layer structure and ranks are kept. More options: batch, optimizer, weight_decay, alpha,
-    temperature, freeze, bn, holdout, seed (`tensorfold passes` lists them under finetune)."""
+    temperature, freeze, bn, holdout, seed, backoff (`tensorfold passes` lists them under finetune)."""
     from tensorfold.passes import load_all
     from tensorfold.passes.registry import get
     from tensorfold.passes.training.finetune import finetune_graph

@@ -35,6 +35,8 @@ OPTIONS = {
     "bn": Option(str, "frozen", "frozen (eval mode: BatchNorm statistics and dropout fixed) or train"),
     "holdout": Option(float, 0.1, "fraction of the training data held out to score each epoch"),
     "seed": Option(int, 0, "seed of the shuffles, the held-out split and dropout"),
+    "backoff": Option(int, 2, "times training may restart from the starting weights at lr/10 when the held-out "
+                      "score collapses after an epoch or the loss stops being finite (0: never)"),
 }
 
 
@@ -52,7 +54,8 @@ def parse_options(text: str, **defaults: Any) -> dict[str, Any]:
 def fit_options(options: dict[str, Any]) -> FitOptions:
     return FitOptions(epochs=options["epochs"], lr=options["lr"], batch=options["batch"],
                       optimizer=options["optimizer"], weight_decay=options["weight_decay"], alpha=options["alpha"],
-                      temperature=options["temperature"], bn=options["bn"], seed=options["seed"])
+                      temperature=options["temperature"], bn=options["bn"], seed=options["seed"],
+                      backoff=options["backoff"])
 
 
 def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teacher: Graph | None = None,
@@ -94,6 +97,13 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
                     if teacher is not None else "none"),
         "training seconds": round(history.seconds, 2),
     }
+    if history.backoffs:
+        report.summary["lr"] = history.lr
+        report.summary["lr back-offs"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in b.items()}
+                                          for b in history.backoffs]
+        report.warnings += [f"{label}: {b['why']} at lr {b['lr']:g}; restarted from the starting weights"
+                            for b in history.backoffs]
+        report.warnings.append(f"{label}: trained at lr {history.lr:g} instead of {options['lr']:g}")
     report.warnings += view.notes
     return result, report
 
@@ -115,6 +125,8 @@ def _check_options(options: dict[str, Any], label: str) -> None:
                             f"batch={options['batch']})")
     if not options["lr"] > 0:
         raise PipelineError(f"{label}: lr={options['lr']} must be positive")
+    if options["backoff"] < 0:
+        raise PipelineError(f"{label}: backoff={options['backoff']} must be 0 or more")
     if not 0 < options["holdout"] < 1:
         raise PipelineError(f"{label}: holdout={options['holdout']} must lie in (0, 1)")
     if not 0 <= options["alpha"] <= 1 or not options["temperature"] > 0:

@@ -214,5 +214,7 @@ def _tune_stage(stage: int, graph: Graph, context: PassContext, tune_options: di
                    "heldout before finetune": tune_report.summary[f"held-out {metric} before"],
                    "heldout after finetune": tune_report.summary[f"held-out {metric} after"],
                    "finetune seconds": tune_report.summary["training seconds"]})
+    if "lr back-offs" in tune_report.summary:
+        stages[-1]["finetune lr"] = tune_report.summary["lr"]
     report.warnings += [w for w in tune_report.warnings if w not in report.warnings]
     return tuned

@@ -52,6 +52,27 @@ def test_finetune_recovers_a_damaged_model_and_keeps_its_structure(digits_damage
     assert _test_accuracy(damaged) == before
 
 
+def test_a_rate_that_wrecks_the_model_backs_off_to_one_that_does_not(digits_damaged):
+    original, _ = digits_damaged
+    _, plain = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=0)
+    before = plain.summary["held-out accuracy before"]
+    assert plain.summary["held-out accuracy after"] < before - 0.2        # Adam at lr 1 wrecks a trained model
+    assert "lr back-offs" not in plain.summary
+    tuned, report = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=4)
+    offs = report.summary["lr back-offs"]
+    assert [b["lr"] for b in offs] == pytest.approx([10.0 ** -i for i in range(len(offs))])
+    assert all(b["heldout"] < before - 0.05 and b["epoch"] == 1 for b in offs)  # each abandoned run did collapse
+    assert report.summary["lr"] == pytest.approx(10.0 ** -len(offs))
+    assert report.summary["held-out accuracy after"] >= before - 0.05       # the kept run did not
+    assert report.summary["epochs"][-1]["heldout_top1"] == report.summary["held-out accuracy after"]
+    assert len([w for w in report.warnings if "restarted from the starting weights" in w]) == len(offs)
+    # the restart starts from the given weights, not from the wrecked ones: same as asking for the rate directly
+    _, direct = tf.finetune(original, "digits", epochs=1, lr=report.summary["lr"], distill=False, backoff=0)
+    assert direct.summary["held-out accuracy after"] == report.summary["held-out accuracy after"]
+    with pytest.raises(PipelineError, match="backoff"):
+        tf.finetune(original, "digits", backoff=-1)
+
+
 def test_pipeline_finetune_then_int8_and_tfz(tmp_path):
     graph = resolve("digits")
     compressed, report = tf.compress(graph, f"{DAMAGE}, finetune(epochs=2), kmeans, huffman", train_data="digits",
