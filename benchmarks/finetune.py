@@ -92,7 +92,7 @@ def run_task(name: str, args: argparse.Namespace, work: str) -> list[dict]:
         os.makedirs(args.save_models, exist_ok=True)
         original.save(os.path.join(args.save_models, f"{name}-original.onnx"))
     for label, pipeline, ft in variants(method, b, 1 / args.flops, epochs, args.stages, args.lr, args.cp_lr):
-        if args.variants and label.split(" ")[0] not in args.variants.split(","):
+        if args.variants and not any(label.startswith(p.strip()) for p in args.variants.split(",")):
             continue
         started = time.perf_counter()
         try:
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", type=int, default=3, help="MUSCO stages (epochs are split over them)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--cp-lr", type=float, default=3e-4, help="CP layers fine-tune badly at high rates")
-    parser.add_argument("--variants", help="only variants starting with these words, e.g. tucker2,musco")
+    parser.add_argument("--variants", help="only variants whose label starts with one of these, e.g. tucker2,musco or \"tucker2 + ft (labels\"")
     parser.add_argument("--latency", choices=("on", "off"), default="on")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
