@@ -28,6 +28,7 @@ import tensorfold as tf
 from tensorfold.models import resolve
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task
+from tensorfold.targets.registry import host_cpu
 
 LEVELS = {"mild": 2, "aggressive": 4}
 
@@ -44,12 +45,6 @@ def variants(rate: float) -> list[tuple[str, str]]:
         ("tucker2 budget", f"tucker2(budget=flops:{fraction:g})"),
         ("svd budget", f"svd(budget=flops:{fraction:g})"),
     ]
-
-
-def cpu_name() -> str:
-    from tensorfold.targets.registry import host_cpu
-
-    return host_cpu()
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,
@@ -118,7 +113,7 @@ def print_table(rows: list[dict], tune_trials: int) -> None:
                  f"{row.get('onnxruntime_ms', float('nan')):.3f}", f"{row.get('onnxruntime_speedup', float('nan')):.2f}",
                  f"{row.get('tvm_ms', float('nan')):.3f}", f"{row.get('tvm_speedup', float('nan')):.2f}"]
         print("| " + " | ".join(cells) + " |")
-    print(f"\nCPU: {cpu_name()}; TVM tuning budget: {tune_trials} trials per candidate "
+    print(f"\nCPU: {host_cpu()}; TVM tuning budget: {tune_trials} trials per candidate "
           f"({'untuned' if not tune_trials else 'MetaSchedule'}); accuracy before any fine-tuning.")
 
 
@@ -148,7 +143,7 @@ def main() -> None:
     print_table(rows, args.tune_trials)
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"cpu": cpu_name(), "threads": os.environ.get("TVM_NUM_THREADS"), "tune_trials": args.tune_trials,
+            json.dump({"cpu": host_cpu(), "threads": os.environ.get("TVM_NUM_THREADS"), "tune_trials": args.tune_trials,
                        "rows": rows}, f, indent=2, default=float)
         print(f"wrote {args.report}")
 

@@ -29,9 +29,7 @@ from tensorfold.passes import parse
 from tensorfold.passes.ranks import policy as rp
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_driven import cpu_name  # noqa: E402
+from tensorfold.targets.registry import host_cpu
 
 
 def method_for(graph) -> str:
@@ -165,7 +163,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                   f"{stage['heldout before finetune']} -> {stage['heldout after finetune']} "
                   f"({stage['finetune seconds']} s"
                   f"{', lr backed off to ' + format(stage['finetune lr'], 'g') if 'finetune lr' in stage else ''})")
-    print(f"\nCPU: {cpu_name()}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; FLOPs target "
+    print(f"\nCPU: {host_cpu()}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; FLOPs target "
           f"{args.flops}x; fine-tuning epochs per variant: {args.epochs or 'resnet18-digits 3, MNIST-1D 30'} (Adam, cosine; lr {args.lr}, CP {args.cp_lr}); "
           f"TVM: {args.tune_trials} MetaSchedule trials per candidate ({'untuned' if not args.tune_trials else 'tuned'}).")
 
@@ -197,7 +195,7 @@ def main() -> None:
     print_table(rows, args)
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"cpu": cpu_name(), "args": vars(args), "rows": rows}, f, indent=2, default=float)
+            json.dump({"cpu": host_cpu(), "args": vars(args), "rows": rows}, f, indent=2, default=float)
         print(f"wrote {args.report}")
 
 

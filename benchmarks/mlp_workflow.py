@@ -27,9 +27,7 @@ import torch
 import tensorfold as tf
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task, image_mlp
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_driven import cpu_name  # noqa: E402
+from tensorfold.targets.registry import host_cpu
 
 BATCH = 4096  # pixel coordinates per inference call
 
@@ -120,12 +118,12 @@ def main() -> None:
               f"{row['smaller_x']:.2f}x | {row.get('torch_x', float('nan')):.2f} | "
               f"{row.get('onnxruntime_x', float('nan')):.2f} | {row.get('tvm_x', float('nan')):.2f} | "
               f"{row.get('tvm_psnr', float('nan')):.2f} |")
-    print(f"\nCPU: {cpu_name()}; batch {BATCH} coordinates; TVM: {args.tune_trials} MetaSchedule trials per candidate "
+    print(f"\nCPU: {host_cpu()}; batch {BATCH} coordinates; TVM: {args.tune_trials} MetaSchedule trials per candidate "
           f"({'untuned' if not args.tune_trials else 'tuned'}); ADMM: {args.admm}")
     print(f"wrote {args.image}")
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"cpu": cpu_name(), "args": vars(args), "rows": rows}, f, indent=2, default=float)
+            json.dump({"cpu": host_cpu(), "args": vars(args), "rows": rows}, f, indent=2, default=float)
         print(f"wrote {args.report}")
 
 
@@ -140,7 +138,7 @@ def _save_image(images: dict, rows: list[dict], path: str) -> None:
         ax.imshow(images[row["row"]], cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{row['row']}\n{row['psnr']:.2f} dB, {row['bytes'] / 1e6:.2f} MB", fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"image-mlp (camera 256x256) on {cpu_name()}", fontsize=8)
+    fig.suptitle(f"image-mlp (camera 256x256) on {host_cpu()}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))  # room for the suptitle above the panels' titles
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,9 +33,7 @@ import tensorfold as tf
 from tensorfold.models import resolve
 from tensorfold.runtime.evaluate import predict
 from tensorfold.runtime.tasks import get_task
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_driven import cpu_name  # noqa: E402
+from tensorfold.targets.registry import host_cpu
 
 # ranks per task: up to the narrowest sampled activation (the MLPs' 100 and digits' fc1 128 units)
 RANKS = {"mnist1d-mlp": [10, 20, 40, 60, 80], "mnist1d-cnn": [10, 20, 40, 60, 80], "digits": [16, 32, 64, 100]}
@@ -186,7 +184,7 @@ def print_table(rows: list[dict], finetune: int, tune_trials: int) -> None:
             cells += [f"{row[f'{engine}_ms']:.3f}" if f"{engine}_ms" in row else "",
                       f"{row[f'{engine}_speedup']:.2f}" if f"{engine}_speedup" in row else ""]
         print("| " + " | ".join(cells) + " |")
-    print(f"\nCPU: {cpu_name()}; TVM: {'untuned' if not tune_trials else f'MetaSchedule, {tune_trials} trials'} per "
+    print(f"\nCPU: {host_cpu()}; TVM: {'untuned' if not tune_trials else f'MetaSchedule, {tune_trials} trials'} per "
           f"candidate; fine-tuning: {f'{finetune} epoch(s)' if finetune else 'none'}; svd / tucker2 with data=true.")
 
 
@@ -252,7 +250,7 @@ def main() -> None:
     print_table(rows, args.finetune, args.tune_trials)
     plot(rows, args.plot)
     if args.report:
-        Path(args.report).write_text(json.dumps({"cpu": cpu_name(), "args": vars(args), "rows": rows}, indent=2,
+        Path(args.report).write_text(json.dumps({"cpu": host_cpu(), "args": vars(args), "rows": rows}, indent=2,
                                                 default=float) + "\n")
         print(f"wrote {args.report}")
 
