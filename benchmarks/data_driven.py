@@ -48,7 +48,7 @@ def variants(rate: float) -> list[tuple[str, str]]:
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,
-             only: list[str] | None) -> list[dict]:
+             only: list[str] | None, engines: list[str] | None = None) -> list[dict]:
     task = get_task(name)
     graph, _ = tf.compress(resolve(name), "fold_bn")
     calibration = task.calibration_data()
@@ -87,7 +87,8 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
                   f"FLOPs {row['flops_x']:.2f}x  params {row['params_x']:.2f}x  {seconds:.1f} s", file=sys.stderr)
     if latency:
         measured = tf.measure(candidates, "x86", data=(images, labels), tune_trials=tune_trials, rounds=rounds,
-                              work_dir=os.path.join(work, name), progress=sys.stderr.isatty(), strict=False)
+                              work_dir=os.path.join(work, name), progress=sys.stderr.isatty(), strict=False,
+                              engines=engines)
         medians = {(r["candidate"], r["engine"]): r["latency"]["median_ms"] for r in measured.rows if r.get("latency")}
         for row in rows:
             key = "original" if row["variant"] == "original" else f"{row['level']} {row['variant']}"
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", choices=("on", "off"), default="on")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--engines", help="x86 engines to time, comma-separated (default: all installed, e.g. "
+                        "torch,onnxruntime,tvm)")
     parser.add_argument("--report", help="write the rows as JSON here")
     return parser
 
@@ -139,7 +142,8 @@ def main() -> None:
     rows = []
     for name in [t for t in args.tasks.split(",") if t]:
         rows += run_task(name, levels, args.latency == "on", args.tune_trials, args.rounds, work,
-                         args.variants.split(",") if args.variants else None)
+                         args.variants.split(",") if args.variants else None,
+                         args.engines.split(",") if args.engines else None)
     print_table(rows, args.tune_trials)
     if args.report:
         with open(args.report, "w") as f:
