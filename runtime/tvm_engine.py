@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -101,9 +102,11 @@ def prepare_remote(artifact_dir: str, remote) -> Runner:
     where = f"{target} over RPC ({remote.key or 'direct'} at {remote.host}:{remote.port})"
     try:
         session = remote.session
-        # A unique remote name: every artifact's library is model.so, and loading a second file
-        # under a name already loaded in the server shut the server down here.
-        remote_name = f"tf_{abs(hash(os.path.abspath(artifact_dir))):x}_{os.path.basename(library)}"
+        # A unique remote name per upload: every artifact's library is model.so, and loading a second
+        # file under a name already loaded in the server shut the server down here. Unique per upload,
+        # not per artifact folder: a folder rebuilt and prepared again (deploy times the same model in
+        # several blocks) overwrote the library the server had mapped, and its next dlsym segfaulted.
+        remote_name = f"tf_{uuid.uuid4().hex[:16]}_{os.path.basename(library)}"
         session.upload(os.path.join(artifact_dir, library), target=remote_name)
         module = session.load_module(remote_name)
         device = session.cpu()
