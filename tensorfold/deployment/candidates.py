@@ -35,6 +35,7 @@ class Candidate:
     latency_ms: float | None = None
     iqr_ms: float | None = None
     cached: bool = False
+    emulated: bool = False            # timed under qemu: not a device time
 
     @property
     def key(self) -> str:

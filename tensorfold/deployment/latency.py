@@ -47,6 +47,9 @@ END_TO_END_ROUNDS = 20
 BLOCK_ROUNDS = 10  # the original end to end: three blocks of these, the one with the lowest median kept
 ENGINES = (ort_engine.NAME, tvm_engine.LOCAL, tvm_engine.REMOTE)
 OPSET = 17
+# asking the tracker again for a device this process has just released: the server re-registers first
+# (seconds under qemu on a loaded machine: 5 s was too short here)
+RECONNECT_TIMEOUT = 60.0
 
 
 def cache_dir() -> str:
@@ -60,8 +63,10 @@ def cache_dir() -> str:
 class LatencyCache:
     """One JSON file per (target, engine, threads); entries keyed by layer + replacement."""
 
-    def __init__(self, target: Target, engine: str, threads: int | None, directory: str | None = None):
-        name = f"{target.key}-{engine}-t{threads or 'remote'}.json"
+    def __init__(self, target: Target, engine: str, threads: int | None, directory: str | None = None,
+                 emulated: bool = False):
+        # emulated times (qemu) in a file of their own: never mixed with a real device's under the same key
+        name = f"{target.key}-{engine}-t{threads or 'remote'}{'-emulated' if emulated else ''}.json"
         self.path = os.path.join(directory or cache_dir(), name)
         self.hits = self.misses = 0
         self.entries: dict[str, dict] = {}
@@ -145,7 +150,9 @@ class LatencyEngine:
     threads: int | None
     work_dir: str
     remote: object = None
+    rpc_timeout: float = 5.0
     built: list[str] = field(default_factory=list)
+    graphs: dict[str, Graph] = field(default_factory=dict)
 
     @property
     def emulated(self) -> bool:
@@ -157,22 +164,38 @@ class LatencyEngine:
         from tensorfold.build import build
 
         safe = hashlib.sha1(label.encode()).hexdigest()[:16]
-        artifact = build(graph, self.target, os.path.join(self.work_dir, safe), tune_trials=0, progress=False)
-        self.built.append(artifact.path)
+        folder = os.path.join(self.work_dir, safe)
+        if self.graphs.get(folder) is not graph:  # the same graph again (the original's end-to-end blocks): built once
+            self.built.append(build(graph, self.target, folder, tune_trials=0, progress=False).path)
+            self.graphs[folder] = graph  # held, so an id() in a label is never another graph's
         if self.name == tvm_engine.LOCAL:
-            return tvm_engine.prepare_local(artifact.path, self.threads)
-        return tvm_engine.prepare_remote(artifact.path, self.remote)
+            return tvm_engine.prepare_local(folder, self.threads)
+        if self.remote.session is None:  # released for tf.measure: ask the tracker again
+            self.remote = _connect(self.target, max(self.rpc_timeout, RECONNECT_TIMEOUT))
+        return tvm_engine.prepare_remote(folder, self.remote)
+
+    def release(self) -> None:
+        """Drop the RPC session (its runners closed first): a device serves one session at a time, and
+        tf.measure asks the tracker for its own. The next prepare asks again."""
+        if self.remote is not None:
+            self.remote.session = None
+            import gc
+
+            gc.collect()  # the session closes when its last module is collected; the server is then free
 
 
 def open_engine(name: str, target: Target, threads: int, work_dir: str, rpc_timeout: float = 5.0) -> LatencyEngine:
     if target.placement.kind == "local":
         return LatencyEngine(name, target, threads, work_dir)
+    return LatencyEngine(name, target, None, work_dir, _connect(target, rpc_timeout), rpc_timeout)
+
+
+def _connect(target: Target, rpc_timeout: float):
     from tensorfold.targets.rpc import connect_direct, request_session
 
     placement = target.placement
-    remote = (connect_direct(placement.host, placement.port, rpc_timeout) if placement.kind == "direct"
-              else request_session(placement.host, placement.port, placement.key, rpc_timeout))
-    return LatencyEngine(name, target, None, work_dir, remote)
+    return (connect_direct(placement.host, placement.port, rpc_timeout) if placement.kind == "direct"
+            else request_session(placement.host, placement.port, placement.key, rpc_timeout))
 
 
 def _sampler(runner: Runner, shape) -> Callable[[], float]:
@@ -206,6 +229,7 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
                     missing.append(candidate)
                 else:
                     candidate.latency_ms, candidate.iqr_ms, candidate.cached = hit["median_ms"], hit["iqr_ms"], True
+                    candidate.emulated = bool(hit.get("emulated", engine.emulated))
             if missing:
                 runners = [(engine.prepare(chain_graph(c.specs, group.in_shape, f"{group.layer}:{c.key}"),
                                            f"{entry_key(group, c)}"), group.in_shape) for c in missing]
@@ -216,6 +240,7 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
                         runner.close()
                 for candidate, timing in zip(missing, timings):
                     candidate.latency_ms, candidate.iqr_ms = timing["median_ms"], timing["iqr_ms"]
+                    candidate.emulated = engine.emulated
                 cache.put({entry_key(group, c): {**t, "engine": engine.name, "emulated": engine.emulated,
                                                  "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
                            for c, t in zip(missing, timings)})
@@ -253,7 +278,7 @@ def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = EN
                     time.sleep(MEASURE_GAP_S)
                     samples[i].append(timer() * 1e3)
             timings = [Timing(s) for s in samples]
-        return {name: t.to_json() for name, t in zip(runners, timings)}
+        return {name: {**t.to_json(), "emulated": engine.emulated} for name, t in zip(runners, timings)}
     finally:
         for runner in runners.values():
             runner.close()

@@ -45,9 +45,11 @@ def assemble(plan: dict, run, table: dict | None, selection: dict | None, recipe
         agreement = (after.get("fidelity") or {}).get("top1_agreement")
         drop_text = "accuracy not checked: no labelled data (--data)" + (
             f"; top-1 agreement with the original {100 * agreement:.1f} %" if agreement is not None else "")
-    emulated = bool(after.get("emulated") or (table or {}).get("emulated"))
+    emulated = bool(before.get("emulated") or after.get("emulated") or (table or {}).get("emulated")
+                    or int8.get("emulated"))
     met = bool(speed_met and drop_met and not emulated)
-    summary = f"{speed_text}; {drop_text}" + ("; times are emulated (qemu), not device times" if emulated else "")
+    summary = f"{speed_text}; {drop_text}" + (
+        "; the times are emulated (qemu), not device times, so the verdict is never met on them" if emulated else "")
     predicted = None
     if selection is not None:
         predicted_ms = selection["predicted_ms"]
@@ -96,7 +98,10 @@ def markdown(report: dict, out: str) -> str:
     lines = [f"# tensorfold deploy: {report['model']} on {report['target']}", "",
              f"**{'MET' if v['met'] else 'NOT MET'}**: asked {asked} with at most {goal['max_drop']:g} points of "
              f"accuracy lost; measured {v['summary']}.", "",
-             f"Machine: {report['machine']}; latency engine: {report['engine']}, {report['threads']} threads. "
+             f"Machine: {report['machine']}; latency engine: {report['engine']}, "
+             + (f"{report['threads']} threads" if report["threads"] else "the device's threads")
+             + (" (**emulated under qemu: every time below is emulated, not a device time**)" if v["emulated"] else "")
+             + ". "
              f"Pipeline: `{report['pipeline']}`" + ("; int8" if report["int8"].get("int8") else "") + ".", ""]
     table = report["latency_table"]
     if table is not None:
@@ -126,7 +131,8 @@ def markdown(report: dict, out: str) -> str:
                                                if sel["met"] else "The goal is NOT reachable in the model: the "
                                                f"fastest choices are taken (predicted {_ms(sel['predicted_ms'])} ms)."),
                   "", "## Per-layer decisions", "",
-                  "| layer | input | candidate | MFLOPs | latency ms (IQR) | error | decision |",
+                  "| layer | input | candidate | MFLOPs | latency ms (IQR)" + (", emulated" if table["emulated"] else "")
+                  + " | error | decision |",
                   "| --- | --- | --- | ---: | ---: | ---: | --- |"]
         for layer in table["layers"]:
             chosen = sel["choices"][layer["layer"]]
@@ -145,18 +151,20 @@ def markdown(report: dict, out: str) -> str:
         error = f"{100 * p['error']:+.1f} %" if p["error"] is not None else "n/a"
         steady = p["steady_state_ms"]
         lines += [f"Predicted {_ms(p['predicted_ms'])} ms, measured {_ms(p['measured_ms'])} ms: "
-                  f"prediction error {error} ({p['applies_to']})."
+                  f"prediction error {error} ({p['applies_to']})" + (" (emulated)" if v["emulated"] else "") + "."
                   + (f" Steady state (back-to-back calls, like the layers in the table): original "
                      f"{_ms(steady.get('original'))} ms, deployed {_ms(steady.get('deployed'))} ms"
                      f" ({steady['original'] / steady['deployed']:.2f}x)." if steady.get("deployed") else ""), ""]
     int8 = report["int8"]
     lines += [f"int8: {'kept' if int8.get('int8') else 'not kept'} ({int8.get('reason')})"
-              + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms, {int8.get('accuracy')}"
+              + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms"
+                 + (" (emulated)" if int8.get("emulated") else "") + f", {int8.get('accuracy')}"
                  if "fp32_ms" in int8 else "") + ".", "",
               "| model | engine | median ms | top-1 |", "| --- | --- | ---: | ---: |"]
     for row in report["measure"]["rows"]:
         top1 = (row.get("accuracy") or {}).get("top1")
-        lines.append(f"| {row['candidate']} | {row['engine']} | {_ms((row.get('latency') or {}).get('median_ms'))} | "
+        lines.append(f"| {row['candidate']} | {row['engine']} | {_ms((row.get('latency') or {}).get('median_ms'))}"
+                     f"{' (emulated)' if row.get('emulated') else ''} | "
                      f"{'' if top1 is None else f'{100 * top1:.2f} %'} |")
     lines += ["", f"Accuracy data: {report['data']}. Artifact: `artifact/` ({report['artifact']['tasks']} TVM tasks, "
               f"{report['artifact']['trials']} tuning trials).", ""]

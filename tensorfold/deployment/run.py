@@ -58,7 +58,11 @@ def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float 
     if plan["target"].placement.kind != "local" and plan["recipe"] is None:
         run.engine  # an unreachable tracker or server fails here, before OUT is written
     os.makedirs(plan["out"], exist_ok=True)
-    return run.run()
+    try:
+        return run.run()
+    finally:
+        if run._engine is not None:
+            run._engine.release()  # the device is free for the next client as soon as the deploy returns
 
 
 # ---- validation: everything that can fail on bad input fails here, before OUT is touched ----------
@@ -217,7 +221,7 @@ class _Deploy:
         self.say(f"latency table: candidates per layer at ratio rates {', '.join(map(str, self.rates))}")
         groups = cand.layer_groups(folded, self.rates)
         error_measure = cand.add_errors(folded, groups, plan["feeds"])
-        cache = lat.LatencyCache(self.target, self.engine_name, self.threads)
+        cache = lat.LatencyCache(self.target, self.engine_name, self.threads, emulated=self.engine.emulated)
         e2e_key = f"model {model_key} {list(folded.inputs[0].shape)} | end-to-end, single calls after a pause, least loaded of 3 blocks"
         whole = cache.get(e2e_key)
         blocks = []  # the original end to end in blocks before, amid and after the layers: the least loaded kept
@@ -344,7 +348,8 @@ class _Deploy:
         self.say(f"int8: timing fp32 against int8 end to end on {self.engine_name}")
         timings = lat.end_to_end({"fp32": fp32, "int8": int8}, self.engine)
         fp32_ms, int8_ms = timings["fp32"]["median_ms"], timings["int8"]["median_ms"]
-        decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "engine": self.engine_name}
+        decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "engine": self.engine_name,
+                    "emulated": self.engine.emulated}
         images, labels = self.plan["images"], self.plan["labels"]
         if images is None:
             images = np.random.default_rng(0).standard_normal((64, *fp32.inputs[0].shape[1:])).astype(np.float32)
@@ -396,11 +401,14 @@ class _Deploy:
 
         plan = self.plan
         engines = [self.engine_name]
+        if self._engine is not None:
+            self._engine.release()  # one session per device: the measure asks the tracker for its own
         self.say(f"measure: original vs deployed on {self.target.name} ({', '.join(engines)}), {self.rounds} rounds")
         deployed = Candidate("deployed", final, {self.target.name: artifact["path"]})
         report = measure([("original", original), deployed], self.target, data=plan["eval_data"], rounds=self.rounds,
                          threads=plan["threads"], report=os.path.join(plan["out"], "measure", "measure.json"),
-                         progress=self.progress, engines=engines)
+                         progress=self.progress, engines=engines,
+                         rpc_timeout=lat.RECONNECT_TIMEOUT if self._engine is not None else 5.0)
         return report.to_json()
 
 
@@ -425,7 +433,7 @@ def _group_json(group: cand.LayerCandidates) -> dict:
     return {"layer": group.layer, "kind": group.kind, "in_shape": list(group.in_shape),
             "candidates": [{"key": c.key, "method": c.method, "ranks": list(c.ranks), "latency_ms": c.latency_ms,
                             "iqr_ms": c.iqr_ms, "error": c.error, "flops": int(c.flops), "params": int(c.params),
-                            "cached": c.cached} for c in group.candidates]}
+                            "cached": c.cached, "emulated": c.emulated} for c in group.candidates]}
 
 
 def _parse_key(key: str) -> tuple[str, tuple[int, ...]]:
