@@ -73,6 +73,22 @@ def test_a_rate_that_wrecks_the_model_backs_off_to_one_that_does_not(digits_dama
         tf.finetune(original, "digits", backoff=-1)
 
 
+@pytest.mark.parametrize("before, held, constant, expected", [
+    (0.79, 0.097, 0.1, True),     # ResNet-18 MUSCO stage 1 at lr 1e-3: to chance
+    (0.79, 0.75, 0.1, False),     # a dip within a tenth
+    (0.79, 0.70, 0.1, True),      # more than a tenth down
+    (0.155, 0.106, 0.1, True),    # CP-ALS ResNet at 3e-4: barely above chance, then down to it
+    (0.155, 0.14, 0.1, False),    # a small dip from a low start
+    (0.105, 0.095, 0.1, False),   # a start at chance: noise, not a collapse
+    (0.10, 0.95, 0.1, False),     # a damaged model recovering
+])
+def test_collapse_rule(before, held, constant, expected):
+    from tensorfold.passes.training.loop import collapsed
+
+    assert collapsed(before, held, True, constant) is expected
+    assert collapsed(1.0, 1.6, False) and not collapsed(1.0, 1.2, False)   # MSE: up by half
+
+
 def test_pipeline_finetune_then_int8_and_tfz(tmp_path):
     graph = resolve("digits")
     compressed, report = tf.compress(graph, f"{DAMAGE}, finetune(epochs=2), kmeans, huffman", train_data="digits",
