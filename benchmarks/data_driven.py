@@ -10,6 +10,7 @@ one run (torch, onnxruntime, TVM; TVM tuned with --tune-trials per candidate, 0 
     python benchmarks/data_driven.py                                   # digits, mnist1d-cnn, mnist1d-mlp
     python benchmarks/data_driven.py --tasks resnet18-digits --latency off
     python benchmarks/data_driven.py --tasks digits --tune-trials 64 --report dd.json
+    python benchmarks/data_driven.py --tasks resnet18-digits --keep out/dd   # resumable; reruns reuse the models
 
 Calibration: the task's calibration split (training images; the test split stays held out).
 """
@@ -48,7 +49,7 @@ def variants(rate: float) -> list[tuple[str, str]]:
 
 
 def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, rounds: int, work: str,
-             only: list[str] | None, engines: list[str] | None = None) -> list[dict]:
+             only: list[str] | None, engines: list[str] | None = None, keep: str | None = None) -> list[dict]:
     task = get_task(name)
     graph, _ = tf.compress(resolve(name), "fold_bn")
     calibration = task.calibration_data()
@@ -64,6 +65,12 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
     for level in levels:
         for label, pipeline in variants(LEVELS[level]):
             if only and label not in only:
+                continue
+            kept = _kept(keep, name, level, label)
+            if kept is not None:  # compressed by an earlier run: its model and row, nothing recomputed
+                candidates[f"{level} {label}"], row = kept
+                rows.append(row)
+                print(f"  {name:16s} {level:10s} {label:15s} kept from {keep}", file=sys.stderr)
                 continue
             started = time.perf_counter()
             try:
@@ -83,6 +90,8 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
                    "layers": len(report.passes[-1].changed)}
             rows.append(row)
             candidates[f"{level} {label}"] = compressed
+            if keep:
+                _keep(keep, name, level, label, compressed, row)
             print(f"  {name:16s} {level:10s} {label:15s} {task.metric} {row[task.metric]:.4f}  "
                   f"FLOPs {row['flops_x']:.2f}x  params {row['params_x']:.2f}x  {seconds:.1f} s", file=sys.stderr)
     if latency:
@@ -98,6 +107,26 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
                     row[f"{engine}_ms"] = round(ms, 4)
                     row[f"{engine}_speedup"] = round(base / ms, 3)
     return rows
+
+
+def _kept_path(keep: str, name: str, level: str, label: str) -> str:
+    return os.path.join(keep, f"{name}-{level}-{label}")
+
+
+def _keep(keep: str, name: str, level: str, label: str, graph, row: dict) -> None:
+    os.makedirs(keep, exist_ok=True)
+    path = _kept_path(keep, name, level, label)
+    graph.save(path + ".onnx")
+    with open(path + ".json", "w") as f:  # written last: a model without its row is compressed again
+        json.dump(row, f, indent=2)
+
+
+def _kept(keep: str | None, name: str, level: str, label: str):
+    path = _kept_path(keep, name, level, label) if keep else None
+    if not path or not (os.path.exists(path + ".json") and os.path.exists(path + ".onnx")):
+        return None
+    with open(path + ".json") as f:
+        return tf.load(path + ".onnx"), json.load(f)
 
 
 def print_table(rows: list[dict], tune_trials: int) -> None:
@@ -128,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--engines", help="x86 engines to time, comma-separated (default: all installed, e.g. "
                         "torch,onnxruntime,tvm)")
+    parser.add_argument("--keep", metavar="DIR", help="save each compressed model (ONNX) and its row here, and "
+                        "reuse what an earlier run saved: an interrupted run resumes, a latency run recompresses "
+                        "nothing")
     parser.add_argument("--report", help="write the rows as JSON here")
     return parser
 
@@ -143,7 +175,7 @@ def main() -> None:
     for name in [t for t in args.tasks.split(",") if t]:
         rows += run_task(name, levels, args.latency == "on", args.tune_trials, args.rounds, work,
                          args.variants.split(",") if args.variants else None,
-                         args.engines.split(",") if args.engines else None)
+                         args.engines.split(",") if args.engines else None, args.keep)
     print_table(rows, args.tune_trials)
     if args.report:
         with open(args.report, "w") as f:
