@@ -111,11 +111,11 @@ def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, 
     """Train `parameters` of `module` in place; seeded, the caller's RNG untouched; module ends in eval mode.
     `penalty()` is added to every batch's loss (e.g. ADMM's rho/2 ||W - Z + U||^2).
 
-    With `options.backoff` > 0, a run whose held-out score collapses after an epoch (accuracy down by
-    more than max(0.05, a tenth of its start) or most of the way down to a constant answer's, or MSE
-    up by half) or whose loss stops being finite is abandoned: the weights go back to where they started and training restarts at lr / 10, at most
-    `backoff` times. A rate that suits a small model can wreck a deep BN-folded one in a single epoch
-    (ResNet-18: held-out 79 % -> chance at Adam 1e-3), and a user should not have to find that out."""
+    With `options.backoff` > 0, a run whose held-out score collapses after an epoch (see `collapsed`)
+    or whose loss stops being finite is abandoned: the weights go back to where they started and
+    training restarts at lr / 10, at most `backoff` times. A rate that suits a small model can wreck
+    a deep BN-folded one in a single epoch (ResNet-18: held-out 79 % -> chance at Adam 1e-3), and a
+    user should not have to find that out."""
     if options.bn not in ("frozen", "train"):
         raise PipelineError(f"{label}: bn={options.bn!r}; expected frozen or train")
     if options.schedule not in ("cosine", "constant"):
@@ -190,10 +190,11 @@ def _run(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled,
 
 
 def collapsed(before: float, held: float, classification: bool, constant: float = 0.0) -> bool:
-    """A held-out score that training should never produce from a working start. `constant`: the
-    accuracy of always answering the most frequent class; a model that started clearly above it and
-    fell most of the way down to it has collapsed too (a CP-ALS ResNet fine-tuned at 3e-4: 0.155 ->
-    0.106 on 10 balanced classes, which the relative rule alone lets through)."""
+    """A held-out score that training should never produce from a working start: accuracy down by
+    more than max(0.05, a tenth of its start), or MSE up by half. `constant`: the accuracy of always
+    answering the most frequent class; a model that started clearly above it and fell most of the way
+    down to it has collapsed too (a CP-ALS ResNet fine-tuned at 3e-4: 0.155 -> 0.106 on 10 balanced
+    classes, which the relative rule alone lets through)."""
     if classification:
         to_constant = before - constant > 0.02 and held < before and held <= constant + 0.25 * (before - constant)
         return held < before - max(0.05, 0.1 * before) or to_constant
