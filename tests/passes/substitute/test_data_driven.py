@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import tensorfold as tf
 from tensorfold.ir.errors import InputShapeError, PipelineError
 from tensorfold.ir.specs import Conv, Linear
+from tensorfold.passes.decompose import sigma as sg
 from tensorfold.passes.layer_data import patches, second_moments
 
 
@@ -188,6 +189,37 @@ def test_data_driven_methods_are_exact_at_full_rank(net, calibration, passes):
     name = graph.inputs[0].name
     want, got = graph.run({name: x})[graph.output_names[0]], compressed.run({name: x})[compressed.output_names[0]]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 9), (6, 5, 3, 2)])
+def test_cp_sigma_factor_updates_are_the_least_squares_minimisers(shape, monkeypatch):
+    """Each CP-Sigma step against a brute-force solve: the linear map X -> A Z(X)^T L built column by column."""
+    rng = np.random.default_rng(21)
+    kernel = rng.standard_normal(shape)
+    flat = kernel.reshape(shape[0], -1)
+    patches_ = rng.standard_normal((flat.shape[1], 3 * flat.shape[1]))
+    sigma = patches_ @ patches_.T / patches_.shape[1]
+    lower = np.linalg.cholesky(sigma)                      # tr(D Sigma D^T) = ||D L||^2
+    factors = [rng.standard_normal((n, 4)) for n in shape]
+
+    def brute_force(mode):
+        def image(x):
+            parts = list(factors)
+            parts[mode] = x
+            return (sg._cp_kernel(parts).reshape(shape[0], -1) @ lower).ravel()
+        size = factors[mode].size
+        columns = [image(np.eye(size)[i].reshape(factors[mode].shape)) for i in range(size)]
+        return np.linalg.lstsq(np.stack(columns, 1), (flat @ lower).ravel(), rcond=None)[0].reshape(factors[mode].shape)
+
+    np.testing.assert_allclose(sg._solve_output(factors, flat, sigma), brute_force(0), rtol=1e-7, atol=1e-9)
+    monkeypatch.setattr(sg, "CG_ITERATIONS", 500)
+    for mode in range(1, len(shape)):
+        want = brute_force(mode)
+        np.testing.assert_allclose(sg._solve_factor_exact(mode, factors, flat @ sigma, sigma), want,
+                                   rtol=1e-7, atol=1e-9)
+        # CG runs its GEMM with Sigma in float32
+        np.testing.assert_allclose(sg._solve_factor(mode, factors, flat @ sigma, sigma), want,
+                                   rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("passes", ["tucker2(rank=(6,5), data=true, include=c2|c3)",
