@@ -6,23 +6,22 @@ the graph view and reports per layer k, j, its error figures and the spectral er
 """
 from __future__ import annotations
 
-import fnmatch
 import time
 from typing import Any
 
 from tensorfold.ir.errors import PipelineError
 from tensorfold.ir.graph import Graph, Layer
-from tensorfold.ir.specs import Conv, chain_cost
+from tensorfold.ir.specs import Conv
 
 from ..ranks import alds_allocation as allocation
 from ..decompose import alds as alds_math
 from ..equivalent import dense_weight, weight_error
 from .factorize import is_selected, selected_layers
-from ..measure import layer_error
 from ..progress import progress_bar
 from ..ranks.budget import Budget, BudgetError, parse_budget
 from ..registry import Option, PassContext, register
-from ..report import LayerRecord, PassReport
+from ..report import PassReport
+from .replace import replace_and_record
 
 LINEAR_NOTE = "Linear: k=1 (a grouped first factor needs a conv), plain SVD"
 MEASURES = ("bound", "paper")
@@ -117,8 +116,6 @@ def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, norm: flo
                 report: PassReport) -> None:
     started = time.perf_counter()
     specs = alds_math.alds_specs(layer.spec, choice.chunks, choice.rank)
-    before, after = chain_cost([layer.spec], layer.in_shape), chain_cost(specs, layer.in_shape)
-    err_random, err_calibration = layer_error(graph, [layer], specs, context.inputs)
     matrix = alds_math.fold(layer.spec)
     residual = matrix - dense_weight(specs).reshape(matrix.shape)
     details: dict[str, Any] = {
@@ -128,12 +125,8 @@ def _factor_one(graph: Graph, layer: Layer, choice: allocation.Choice, norm: flo
         "weight_error": weight_error(layer.spec, specs), "factor_layers": len(specs)}
     if layer.kind == "linear":
         details["note"] = LINEAR_NOTE
-    graph.replace([layer.name], specs)
-    report.add(LayerRecord(layer.name, "replaced", method=f"alds[k={choice.chunks}, j={choice.rank}]",
-                           params_before=before.params, params_after=after.params,
-                           flops_before=before.flops, flops_after=after.flops,
-                           error_random=err_random, error_calibration=err_calibration, details=details,
-                           seconds=time.perf_counter() - started))
+    replace_and_record(graph, layer, specs, f"alds[k={choice.chunks}, j={choice.rank}]", details, context, report,
+                       started)
 
 
 def _summary(options: dict, budget: Budget | None, result: allocation.Allocation, candidates: int) -> dict[str, Any]:

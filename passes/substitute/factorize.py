@@ -19,10 +19,10 @@ from .. import decompose as dec
 from ..ranks import policy as rp
 from .data_factorize import LayerMoments, data_details, data_specs, layer_moments, sigma_energy_ranks
 from ..equivalent import weight_error
-from ..measure import layer_error
 from ..progress import progress_bar
 from ..registry import Option, PassContext, register
-from ..report import LayerRecord, PassReport
+from ..report import PassReport
+from .replace import replace_and_record
 
 
 @dataclass(frozen=True)
@@ -183,20 +183,13 @@ def _factor_one(method: str, key: str, graph: Graph, layer: Layer, ranks: tuple[
     except dec.NotFactorable as e:
         report.skip(layer.name, str(getattr(e, "reason", e)))
         return
-    after = chain_cost(specs, layer.in_shape)
-    err_random, err_calibration = layer_error(graph, [layer], specs, context.inputs)
     details: dict[str, Any] = {"ranks": list(ranks), "weight_error": weight_error(layer.spec, specs),
                                "factor_layers": sum(len(getattr(s, "cores", [s])) for s in specs)}
     if data_run is not None:
         details.update(data_details(layer.spec, data_run, moments))
     if note:
         details["note"] = note
-    graph.replace([layer.name], specs)
-    report.add(LayerRecord(layer.name, "replaced", method=f"{method}{list(ranks)}",
-                           params_before=before.params, params_after=after.params,
-                           flops_before=before.flops, flops_after=after.flops,
-                           error_random=err_random, error_calibration=err_calibration, details=details,
-                           seconds=time.perf_counter() - started))
+    replace_and_record(graph, layer, specs, f"{method}{list(ranks)}", details, context, report, started)
 
 
 _COMMON = {

@@ -28,10 +28,11 @@ from tensorfold.ir.torch_modules import run_specs
 from ..decompose.lowrank_sparse import FitData, LowRankSparse, columns_of, lowrank_sparse as fit
 from .factorize import selected_layers
 from ..layer_data import SecondMoment, patch_width, patches, require_calibration, split_feeds
-from ..measure import Feeds, layer_error
+from ..measure import Feeds
 from ..progress import progress_bar
 from ..registry import Option, PassContext, register
-from ..report import LayerRecord, PassReport
+from ..report import PassReport
+from .replace import replace_and_record
 
 DEFAULT_RATIO = 2.0
 
@@ -257,8 +258,6 @@ def _replace_one(graph: Graph, layer: Layer, options: dict, context: PassContext
                  lambda2=options["lambda2"], penalty=options["penalty"], iters=options["iters"],
                  steps=options["steps"], refit=options["refit"])
     new = [emitted_spec(spec, result)]
-    after = chain_cost(new, layer.in_shape)
-    err_random, err_calibration = layer_error(graph, [layer], new, context.inputs)
     details.update({
         "objective": objective,
         "error_fit": reconstruction_error(graph, layer, new, fit_feeds, relu),
@@ -271,9 +270,5 @@ def _replace_one(graph: Graph, layer: Layer, options: dict, context: PassContext
         if options["refit"] else "none",
         "fit_rows_sampled": len(data.rows),
     })
-    graph.replace([layer.name], new)
-    report.add(LayerRecord(layer.name, "replaced", method=f"lowrank_sparse[keep {keep}/{channels}, L={rank}]",
-                           params_before=before.params, params_after=after.params,
-                           flops_before=before.flops, flops_after=after.flops,
-                           error_random=err_random, error_calibration=err_calibration, details=details,
-                           seconds=time.perf_counter() - started))
+    replace_and_record(graph, layer, new, f"lowrank_sparse[keep {keep}/{channels}, L={rank}]", details, context,
+                       report, started)
