@@ -5,7 +5,8 @@ ratio 4; the FLOPs each variant reaches are printed, since the methods touch dif
 svd / tucker2 / cp on the weights and with data=true (Sigma-norm), lowrank_sparse and alds at the
 same level. Per variant: test accuracy (no fine-tuning), params and FLOPs ratios against the
 BN-folded original, compression time, and latency on x86 measured side by side with the original in
-one run (torch, onnxruntime, TVM; TVM tuned with --tune-trials per candidate, 0 = untuned).
+one run (torch, onnxruntime, OpenVINO when installed, TVM; TVM tuned with --tune-trials per
+candidate, 0 = untuned).
 
     python benchmarks/data_driven.py                                   # digits, mnist1d-cnn, mnist1d-mlp
     python benchmarks/data_driven.py --tasks resnet18-digits --latency off
@@ -32,6 +33,10 @@ from tensorfold.runtime.tasks import get_task
 from tensorfold.targets.registry import host_cpu
 
 LEVELS = {"mild": 2, "aggressive": 4}
+
+
+# engines whose latency lands in the rows (when measured), with their short table headers
+ENGINE_COLUMNS = {"torch": "torch", "onnxruntime": "ort", "openvino": "ov", "openvino-fp32": "ov-f32", "tvm": "tvm"}
 
 
 def variants(rate: float) -> list[tuple[str, str]]:
@@ -101,7 +106,7 @@ def run_task(name: str, levels: list[str], latency: bool, tune_trials: int, roun
         medians = {(r["candidate"], r["engine"]): r["latency"]["median_ms"] for r in measured.rows if r.get("latency")}
         for row in rows:
             key = "original" if row["variant"] == "original" else f"{row['level']} {row['variant']}"
-            for engine in ("torch", "onnxruntime", "tvm"):
+            for engine in ENGINE_COLUMNS:
                 ms, base = medians.get((key, engine)), medians.get(("original", engine))
                 if ms is not None and base:
                     row[f"{engine}_ms"] = round(ms, 4)
@@ -131,7 +136,8 @@ def _kept(keep: str | None, name: str, level: str, label: str):
 
 def print_table(rows: list[dict], tune_trials: int) -> None:
     metric = next(k for k in rows[0] if k in ("top1", "psnr"))
-    head = ["task", "level", "variant", metric, "FLOPs", "params", "time s", "ort ms", "ort x", "tvm ms", "tvm x"]
+    head = ["task", "level", "variant", metric, "FLOPs", "params", "time s"]
+    head += [f"{ENGINE_COLUMNS[e]} {unit}" for e in ENGINE_COLUMNS if e != "torch" for unit in ("ms", "x")]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
@@ -139,9 +145,9 @@ def print_table(rows: list[dict], tune_trials: int) -> None:
             print(f"| {row['task']} | {row['level']} | {row['variant']} | skipped: {row['error'][:80]} |")
             continue
         cells = [row["task"], row["level"], row["variant"], f"{row.get(metric, float('nan')):.4f}",
-                 f"{row['flops_x']:.2f}x", f"{row['params_x']:.2f}x", f"{row['seconds']:.1f}",
-                 f"{row.get('onnxruntime_ms', float('nan')):.3f}", f"{row.get('onnxruntime_speedup', float('nan')):.2f}",
-                 f"{row.get('tvm_ms', float('nan')):.3f}", f"{row.get('tvm_speedup', float('nan')):.2f}"]
+                 f"{row['flops_x']:.2f}x", f"{row['params_x']:.2f}x", f"{row['seconds']:.1f}"]
+        for engine in (e for e in ENGINE_COLUMNS if e != "torch"):
+            cells += [f"{row.get(f'{engine}_ms', float('nan')):.3f}", f"{row.get(f'{engine}_speedup', float('nan')):.2f}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\nCPU: {host_cpu()}; TVM tuning budget: {tune_trials} trials per candidate "
           f"({'untuned' if not tune_trials else 'MetaSchedule'}); accuracy before any fine-tuning.")
