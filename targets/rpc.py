@@ -252,6 +252,13 @@ def recorded_processes() -> list[dict[str, Any]]:
     return records
 
 
+def started_for_tracker(record: dict[str, Any], port: int) -> bool:
+    """Whether a recorded process is the tracker on `port` or a server registered at a tracker on `port`."""
+    if record.get("kind") == "tracker":
+        return record.get("port") == port
+    return str(record.get("tracker", "")).rsplit(":", 1)[-1] == str(port)
+
+
 def is_local_qemu_server(host: str, port: int) -> bool:
     if host not in ("127.0.0.1", "localhost", "::1"):
         return False

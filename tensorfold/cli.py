@@ -262,7 +262,7 @@ def _rpc(args: argparse.Namespace) -> int:
         return 0
     stopped = 0
     for record in rpc.recorded_processes():
-        if record["kind"] == "tracker" and record["port"] != args.port and not args.all:
+        if not args.all and not rpc.started_for_tracker(record, args.port):
             continue
         if rpc.stop_group(record["pid"]):
             stopped += 1
@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     rpc.add_argument("action", choices=["start", "stop", "status"])
     rpc.add_argument("--host", default="127.0.0.1", help="tracker host (start: loopback only)")
     rpc.add_argument("--port", type=int, default=9190, help="tracker port (default 9190)")
-    rpc.add_argument("--all", action="store_true", help="stop: every tracker and server started here")
+    rpc.add_argument("--all", action="store_true", help="stop: every tracker and server started here (without it: "
+                     "the tracker on --port and the servers registered at it)")
     rpc.set_defaults(func=_rpc)
 
     server = sub.add_parser("rpc-server", help="run an aarch64 TVM RPC server under qemu, registered at a tracker")
