@@ -58,6 +58,7 @@ def variants(method: str, b: float, target: float, epochs: int, stages: int, lr:
         (f"{method} + ft (distil)", f"{method}(budget=flops:{b:.4f})", ft),
         (f"{method} + ft (labels only)", f"{method}(budget=flops:{b:.4f})", f"{ft}, distill=false"),
         (f"{method}+data + ft (distil)", f"{method}(budget=flops:{b:.4f}, data=true)", ft),
+        (f"{method}+data + ft (labels only)", f"{method}(budget=flops:{b:.4f}, data=true)", f"{ft}, distill=false"),
         (f"musco {method} ({stages} stages)",
          f"musco(method={method}, ratio=1.5, stages={stages}, until=flops:{target:.4f}, "
          f"finetune=(epochs={per_stage}, lr={lr}))", ""),
