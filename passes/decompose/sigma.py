@@ -182,6 +182,11 @@ def _contract_others(unfolded: np.ndarray, factors: list[np.ndarray], mode: int)
     return block
 
 
+def _normal_rhs(mode: int, factors: list[np.ndarray], flat_sigma: np.ndarray) -> np.ndarray:
+    """Right-hand side of factor `mode`'s normal equations, contract((K Sigma)^T A), raveled (d_mode * R)."""
+    return _contract_others(flat_sigma.T @ factors[0], factors, mode).ravel()
+
+
 def _solve_factor(mode: int, factors: list[np.ndarray], flat_sigma: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Factor `mode` (>= 1) minimising the Sigma-error with the others fixed: CG on the normal equations.
 
@@ -199,7 +204,7 @@ def _solve_factor(mode: int, factors: list[np.ndarray], flat_sigma: np.ndarray, 
         product = (sigma32 @ _khatri_rao(parts[1:]).astype(np.float32)).astype(np.float64)
         return _contract_others(product @ gram, parts, mode).ravel()
 
-    rhs = _contract_others(flat_sigma.T @ factors[0], factors, mode).ravel()
+    rhs = _normal_rhs(mode, factors, flat_sigma)
     operator = LinearOperator((dim * rank,) * 2, matvec=normal, dtype=np.float64)
     solution, _ = cg(operator, rhs, x0=factors[mode].ravel(), maxiter=CG_ITERATIONS, rtol=1e-10)
     return solution.reshape(dim, rank)
@@ -220,7 +225,7 @@ def _solve_factor_exact(mode: int, factors: list[np.ndarray], flat_sigma: np.nda
     sigma_z = np.concatenate([sigma[:, r] @ others for r in rows], axis=1)    # S k2 x (dim R), columns (i, r)
     normal = np.concatenate([others.T @ sigma_z[r] for r in rows], axis=0)   # (dim R) x (dim R)
     normal *= np.tile(factors[0].T @ factors[0], (dim, dim))
-    rhs = _contract_others(flat_sigma.T @ factors[0], factors, mode).ravel()
+    rhs = _normal_rhs(mode, factors, flat_sigma)
     try:
         solution = scipy.linalg.solve(normal, rhs, assume_a="pos")
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):   # singular: a rank-deficient start
