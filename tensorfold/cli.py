@@ -155,6 +155,8 @@ def _print_artifact(artifact) -> None:
     ]
     if tuning.get("database_repairs"):
         rows.append(("database repaired", "\n".join(tuning["database_repairs"])))
+    if tuning.get("lock_wait_seconds", 0) >= 1:
+        rows.append(("waited for database", f"{tuning['lock_wait_seconds']:.0f} s (another build was using it)"))
     slowest = top_tasks(tuning.get("task_profile", []))
     if slowest:
         rows.append(("largest tasks", "\n".join(slowest)))

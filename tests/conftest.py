@@ -229,6 +229,19 @@ def tools(tmp_path) -> Tools:
     return Tools(tmp_path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_tuning_database(tmp_path_factory):
+    """Builds that name no --tuning-db tune into one database of this test run, not the user's:
+    a developer's records neither leak into the tests nor get written (or broken) by them."""
+    previous = os.environ.get("TENSORFOLD_TUNING_DIR")
+    os.environ["TENSORFOLD_TUNING_DIR"] = str(tmp_path_factory.mktemp("tuning-databases"))
+    yield
+    if previous is None:
+        del os.environ["TENSORFOLD_TUNING_DIR"]
+    else:
+        os.environ["TENSORFOLD_TUNING_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch():
     """A fixed torch seed for every test (numpy tests use their own default_rng(seed))."""

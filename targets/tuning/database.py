@@ -8,14 +8,23 @@ refuses the whole database ("parallel_for_dynamic error with Unexpected end of s
 were it opened anyway, the next append would be glued onto the broken line. So every line
 is checked here first: a line that is not JSON of the shape the loader expects is dropped,
 records are renumbered to the workloads kept, and the files are rewritten atomically.
+
+Two processes must not write one database at once: each appends with its own count of the
+workload lines, so interleaved appends leave records that name the wrong workload (every line
+still parses; the loader then fails with "parallel_for_dynamic error"). `database_lock` makes
+one build at a time open, repair and tune a folder; the others wait, and say so.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from tensorfold.ir.errors import BuildError, TargetError
 
@@ -25,6 +34,7 @@ WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so tha
 RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too
 TARGET_FILE = "tensorfold_target.json"
 PENDING_SUFFIX = ".repair"  # renumbered records waiting for the workload file's replacement
+LOCK_FILE = "tensorfold.lock"  # flock'ed while a build opens, repairs or tunes the folder; names its holder
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,40 @@ class DatabaseRepair:
             texts.append(f"{RECORD_FILE}: dropped {len(self.orphaned)} record(s) (line {_spans(self.orphaned)}) "
                          "whose workload line was damaged or missing")
         return texts
+
+
+@contextlib.contextmanager
+def database_lock(directory: str, purpose: str, on_wait: Callable[[str], None]) -> Iterator[float]:
+    """Hold the folder's exclusive lock (fcntl.flock on LOCK_FILE); yields the seconds spent waiting.
+
+    When another process holds it, `on_wait` gets one message naming that process and what it is
+    doing, then this one blocks until the lock is free. The kernel releases a flock when its holder
+    exits, however it exits, so a killed build never leaves the folder locked.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise BuildError(f"tuning database {directory}: cannot create its lock file {LOCK_FILE} ({e.strerror}); "
+                         "a database folder must be writable (choose another --tuning-db)") from None
+    waited = 0.0
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 400, 0).decode("utf-8", errors="replace").strip() or "another process"
+            on_wait(f"tuning database {directory} is in use ({holder}); waiting for it to finish, "
+                    "so that the two runs do not write the database at once")
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = time.monotonic() - start
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"pid {os.getpid()}: {purpose}, since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+        yield waited
+        os.ftruncate(handle, 0)
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def open_database(directory: str, target: Target, create: bool):

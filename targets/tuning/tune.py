@@ -8,7 +8,9 @@ build's work dir (MetaSchedule prints a table per iteration otherwise).
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,11 +20,13 @@ import cloudpickle
 from tensorfold.ir.errors import BuildError, TargetError
 
 from ..registry import Target
-from .database import has_record, open_database
+from .database import database_lock, has_record, open_database
 from .logs import metaschedule_logging
 from .profile import profile_tasks
 from .spaces import spaces
 from .progress import TrialProgress, native_stderr_to
+
+logger = logging.getLogger(__name__)
 
 TIMEOUT_SEC = 300  # the builder's 30 s default is too short here (docs/toolchain.md#metaschedule)
 
@@ -41,6 +45,7 @@ class TuningSummary:
     replay_failed: list[str] = field(default_factory=list)  # a record exists but did not replay: kept untuned
     applied: list[str] = field(default_factory=list)        # functions compiled with a schedule from the database
     database_repairs: list[str] = field(default_factory=list)  # damaged lines dropped before opening
+    lock_wait_seconds: float = 0.0  # waiting for another build that held the database
     task_profile: list[dict] = field(default_factory=list)  # profile.TaskProfile, largest share first
     log_dir: str | None = None
 
@@ -71,21 +76,29 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     tvm_target = target.tvm()
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
-    database, repair = open_database(database_dir, target, create=False)
-    summary.database_repairs = repair.messages()
-    summary.database_found = database is not None
-    recorded = [database is not None and has_record(database, t, tvm_target) for t in tasks]
-    todo = list(tasks) if further else [t for t, done in zip(tasks, recorded) if not done]
-    summary.tuned_before = [t.task_name for t, done in zip(tasks, recorded) if done]
-    if trials > 0 and todo:
-        if not target.runs_here:
-            _check_remote(target)
-        if database is None:
-            database, _ = open_database(database_dir, target, create=True)
-        start = time.perf_counter()
-        summary.trials_spent = _tune_tasks(todo, database, target, trials, work_dir, progress)
-        summary.seconds = round(time.perf_counter() - start, 2)
-        summary.log_dir = os.path.join(work_dir, "logs")
+    if trials <= 0 and not os.path.isdir(database_dir):
+        summary.untuned = list(summary.tasks)  # nothing to reuse, nothing to tune
+        return mod, summary
+    # Held from opening (which may repair the files) to the end of tuning; the records are then
+    # in memory, so applying them needs no lock.
+    with database_lock(database_dir, f"tuning {len(tasks)} task(s) for {target.name}" if trials > 0 else
+                       f"reading records for {target.name}", _lock_notice(progress)) as waited:
+        summary.lock_wait_seconds = round(waited, 2)
+        database, repair = open_database(database_dir, target, create=False)
+        summary.database_repairs = repair.messages()
+        summary.database_found = database is not None
+        recorded = [database is not None and has_record(database, t, tvm_target) for t in tasks]
+        todo = list(tasks) if further else [t for t, done in zip(tasks, recorded) if not done]
+        summary.tuned_before = [t.task_name for t, done in zip(tasks, recorded) if done]
+        if trials > 0 and todo:
+            if not target.runs_here:
+                _check_remote(target)
+            if database is None:
+                database, _ = open_database(database_dir, target, create=True)
+            start = time.perf_counter()
+            summary.trials_spent = _tune_tasks(todo, database, target, trials, work_dir, progress)
+            summary.seconds = round(time.perf_counter() - start, 2)
+            summary.log_dir = os.path.join(work_dir, "logs")
     summary.task_profile = profile_tasks(tasks, database, tvm_target)
     if database is None:
         summary.untuned = list(summary.tasks)
@@ -97,6 +110,17 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     summary.untuned = [name for name in summary.tasks if name not in summary.applied]
     summary.untuned += [name for name in summary.replay_failed if name not in summary.untuned]
     return mod, summary
+
+
+def _lock_notice(progress: bool):
+    """Where the message goes when a build waits for another one's database: the user's terminal
+    when progress is shown, the log otherwise."""
+    def notice(message: str) -> None:
+        if progress:
+            print(f"tensorfold: {message}", file=sys.stderr, flush=True)
+        else:
+            logger.warning(message)
+    return notice
 
 
 def _cross_compiler(target: Target) -> str | None:

@@ -1,13 +1,18 @@
-"""Repairing a tuning database's two JSON-lines files (no TVM: lines of the shape MetaSchedule writes)."""
+"""Repairing a tuning database's two JSON-lines files (no TVM: lines of the shape MetaSchedule writes), and its lock."""
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
-from tensorfold.targets.tuning.database import (PENDING_SUFFIX, RECORD_FILE, WORKLOAD_FILE, open_database,
-                                                repair_database)
+from tensorfold.targets.tuning.database import (LOCK_FILE, PENDING_SUFFIX, RECORD_FILE, WORKLOAD_FILE, database_lock,
+                                                open_database, repair_database)
 
 
 def _workload(n: int) -> str:
@@ -110,3 +115,94 @@ def test_lines_of_the_right_shape_that_tvm_cannot_load_give_an_error_naming_the_
     (tmp_path / RECORD_FILE).write_text("")
     with pytest.raises(BuildError, match=f"tuning database {tmp_path} could not be opened"):
         open_database(str(tmp_path), get_target("x86"), create=False)
+
+
+# A second process that takes the folder's lock, says so on stdout, and holds it until its stdin closes.
+HOLDER = textwrap.dedent("""
+    import sys
+    from tensorfold.targets.tuning.database import database_lock
+    with database_lock(sys.argv[1], "tuning 3 task(s) for x86", print):
+        print("held", flush=True)
+        sys.stdin.read()
+""")
+
+
+def _start_holder(folder) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_the_lock_waits_for_another_process_and_names_it(tmp_path):
+    holder = _start_holder(tmp_path)
+    messages = []
+    try:
+        with pytest.raises(TimeoutError):  # it blocks while the other process holds the folder
+            signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError()))
+            signal.alarm(2)
+            with database_lock(str(tmp_path), "reading records for x86", messages.append):
+                pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    assert len(messages) == 1
+    assert f"tuning database {tmp_path} is in use (pid {holder.pid}: tuning 3 task(s) for x86, since" in messages[0]
+
+    messages.clear()
+    holder.stdin.close()  # the holder finishes ...
+    threshold = time.monotonic()
+    with database_lock(str(tmp_path), "reading records for x86", messages.append) as waited:
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()}: reading records for x86")
+    assert holder.wait(10) == 0
+    assert waited <= time.monotonic() - threshold + 0.01  # ... and this one went on once it was free
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released: it names nobody
+
+
+def test_a_killed_holder_leaves_the_folder_unlocked(tmp_path):
+    holder = _start_holder(tmp_path)
+    holder.kill()
+    holder.wait(10)
+    messages = []
+    with database_lock(str(tmp_path), "tuning", messages.append) as waited:
+        assert waited == 0.0
+    assert messages == []
+
+
+def test_two_writers_one_after_the_other_keep_every_record_on_its_workload(tmp_path):
+    # Each writer appends workloads and records that index its own count of workload lines, as
+    # MetaSchedule's JSONDatabase does; under the lock they run one after the other.
+    writer = textwrap.dedent("""
+        import json, os, sys, time
+        from tensorfold.targets.tuning.database import database_lock
+        folder, tag = sys.argv[1], sys.argv[2]
+        print("ready", flush=True)
+        sys.stdin.read()  # both start writing at once
+        with database_lock(folder, "writer " + tag, lambda m: None):
+            path = os.path.join(folder, "database_workload.json")
+            count = sum(1 for _ in open(path)) if os.path.exists(path) else 0
+            for n in range(20):
+                with open(path, "a") as f:
+                    f.write(json.dumps([tag + str(n), "x"]) + "\\n")
+                with open(os.path.join(folder, "database_tuning_record.json"), "a") as f:
+                    f.write(json.dumps([count + n, tag + str(n)]) + "\\n")
+                time.sleep(0.01)
+    """)
+    writers = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path), tag], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for tag in "ab"]
+    assert [w.stdout.readline() for w in writers] == ["ready\n"] * 2
+    for w in writers:
+        w.stdin.close()
+    assert [w.wait(60) for w in writers] == [0, 0]
+    workloads = [json.loads(line)[0] for line in (tmp_path / WORKLOAD_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / RECORD_FILE).read_text().splitlines()]
+    assert len(records) == 40 and all(workloads[index] == name for index, name in records)
+
+
+def test_a_database_folder_that_cannot_hold_a_lock_file_gives_an_error_naming_it(tmp_path):
+    from tensorfold.ir.errors import BuildError
+
+    (tmp_path / LOCK_FILE).mkdir()  # the lock file's path is taken (as root, a read-only folder would not stop it)
+    with pytest.raises(BuildError, match=f"tuning database {tmp_path}: cannot create its lock file"):
+        with database_lock(str(tmp_path), "tuning", print):
+            pass

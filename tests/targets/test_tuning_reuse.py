@@ -122,6 +122,32 @@ def test_untuned_build_still_applies_the_database(tuned):
     assert artifact.manifest["tuning"]["tuned_before"] == first.manifest["tuning"]["tasks"]
 
 
+def test_a_build_waits_for_another_process_using_the_database_and_says_so(tuned, tmp_path, caplog):
+    import subprocess
+    import sys
+    import textwrap
+
+    root, model, x, first = tuned
+    database = tmp_path / "db"
+    shutil.copytree(root / "db", database)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from tensorfold.targets.tuning.database import database_lock
+        with database_lock(sys.argv[1], "tuning 9 task(s) for x86", print):
+            print("held", flush=True)
+            time.sleep(3)
+    """), str(database)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with caplog.at_level(logging.WARNING, logger="tensorfold.targets.tuning.tune"):
+        artifact = tf.build(tf.capture(model, (x,)), "x86", tmp_path / "waited", tune_trials=0, tuning_db=database,
+                            progress=False)
+    assert holder.wait(30) == 0
+    tuning = artifact.manifest["tuning"]
+    assert tuning["lock_wait_seconds"] > 0.5  # it waited (the holder kept the lock ~3 s)
+    assert tuning["tuned_before"] == first.manifest["tuning"]["tasks"]  # and then read every record
+    assert f"is in use (pid {holder.pid}: tuning 9 task(s) for x86" in caplog.text
+
+
 def test_damaged_database_keeps_its_good_records_and_is_reused(tuned, tmp_path, tools):
     """What a killed run can leave: a truncated last line; plus a garbage line in the middle."""
     root, model, x, first = tuned
