@@ -36,6 +36,7 @@ class Candidate:
     iqr_ms: float | None = None
     cached: bool = False
     emulated: bool = False            # timed under qemu: not a device time
+    noisy: bool = False               # its samples scattered even after retries: used, not cached
 
     @property
     def key(self) -> str:

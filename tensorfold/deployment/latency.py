@@ -6,6 +6,9 @@ engine there), TVM in-process (`--engine tvm`, untuned unless the tuning databas
 or TVM over RPC for remote targets (under qemu the times are emulated). A layer's candidates are
 timed interleaved (A B C A B C ...), each sample the median of enough back-to-back calls to last
 about SAMPLE_MS (warm: the engine's threads are awake), and the median of ROUNDS samples is kept.
+A layer whose samples scatter (IQR above NOISY_IQR of the median: a neighbour's load came and went) is
+timed again, up to RETRIES times, keeping each candidate's lowest median (load only adds time); a
+latency still that noisy is marked so in the table and the cache.
 Whole models are timed as `tf.measure` times them (`end_to_end`: single calls, each after a 0.2 s
 untimed pause), so the overhead (end to end minus the layers) holds what one call after idle costs
 beyond its layers: on this machine about 0.25 ms, which dominates a model as small as digits. It is
@@ -43,6 +46,7 @@ from tensorfold.targets import Target
 from .candidates import LayerCandidates
 
 ROUNDS, WARMUP, SAMPLE_MS, GAP_S = 15, 3, 2.0, 0.002
+NOISY_IQR, NOISE_FLOOR_MS, RETRIES = 0.25, 0.02, 2
 END_TO_END_ROUNDS = 20
 BLOCK_ROUNDS = 10  # the original end to end: three blocks of these, the one with the lowest median kept
 ENGINES = (ort_engine.NAME, tvm_engine.LOCAL, tvm_engine.REMOTE)
@@ -211,6 +215,11 @@ def _sampler(runner: Runner, shape) -> Callable[[], float]:
     return sample
 
 
+def noisy(timing: dict) -> bool:
+    """Samples too scattered to trust: the machine's load changed while they were taken."""
+    return timing["iqr_ms"] > max(NOISY_IQR * timing["median_ms"], NOISE_FLOOR_MS)
+
+
 def time_runners(runners: list[tuple[Runner, tuple[int, ...]]]) -> list[dict]:
     timers = [_sampler(r, shape) for r, shape in runners]
     timings = interleaved(timers, ROUNDS, WARMUP, gap_s=GAP_S)
@@ -230,19 +239,26 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
                 else:
                     candidate.latency_ms, candidate.iqr_ms, candidate.cached = hit["median_ms"], hit["iqr_ms"], True
                     candidate.emulated = bool(hit.get("emulated", engine.emulated))
+                    candidate.noisy = bool(hit.get("noisy", False))
             if missing:
                 runners = [(engine.prepare(chain_graph(c.specs, group.in_shape, f"{group.layer}:{c.key}"),
                                            f"{entry_key(group, c)}"), group.in_shape) for c in missing]
                 try:
                     timings = time_runners(runners)
+                    for _ in range(0 if engine.emulated else RETRIES):  # qemu: slow, and not device times anyway
+                        if not any(noisy(t) for t in timings):
+                            break
+                        again = time_runners(runners)  # the whole layer again, still interleaved
+                        timings = [min(a, b, key=lambda t: t["median_ms"]) for a, b in zip(timings, again)]
                 finally:
                     for runner, _ in runners:
                         runner.close()
                 for candidate, timing in zip(missing, timings):
                     candidate.latency_ms, candidate.iqr_ms = timing["median_ms"], timing["iqr_ms"]
                     candidate.emulated = engine.emulated
+                    candidate.noisy = noisy(timing)
                 cache.put({entry_key(group, c): {**t, "engine": engine.name, "emulated": engine.emulated,
-                                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                                 "noisy": c.noisy, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
                            for c, t in zip(missing, timings)})
             advance()
 

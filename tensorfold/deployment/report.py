@@ -117,9 +117,11 @@ def markdown(report: dict, out: str) -> str:
                   + (f" (the least loaded of blocks with medians "
                      f"{', '.join(_ms(b) for b in table['original_ms']['blocks_median_ms'])} ms)"
                      if table["original_ms"].get("blocks_median_ms") else "")
-                  + f"; its candidate layers sum to "
-                  f"{_ms(table['layers_ms'])} ms, so the rest of the model (overhead) is "
-                  f"{_ms(table['overhead_ms'])} ms. Predicted latency = overhead + the chosen layers' latencies.",
+                  + f"; its candidate layers sum to {_ms(table['layers_ms'])} ms. Predicted latency: "
+                  + sel.get("latency_model", f"overhead {_ms(table['overhead_ms'])} ms + the chosen layers")
+                  + (f". {sum(c.get('noisy', False) for l in table['layers'] for c in l['candidates'])} latencies "
+                     "stayed noisy after retries (IQR above a quarter of the median)"
+                     if any(c.get("noisy") for l in table["layers"] for c in l["candidates"]) else "") + ".",
                   "", f"Latency cache {cache['path']}: " + (
                       "stage reused from OUT/stages (nothing measured)" if cache.get("stage_reused") else
                       f"{cache['hits']} hits, {cache['misses']} measured") + ".", "",

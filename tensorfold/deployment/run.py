@@ -255,7 +255,7 @@ class _Deploy:
         plan = self.plan
         original_ms = table["original_ms"]["median_ms"]
         goal_ms = plan["latency_ms"] if plan["latency_ms"] is not None else original_ms / plan["speedup"]
-        key = fingerprint("selection/1", self.table_key, goal_ms)
+        key = fingerprint("selection/2", self.table_key, goal_ms)
         stored = self.stages.load("selection", key)
         if stored is not None:
             self.say("selection: reused from stages/")
@@ -263,9 +263,10 @@ class _Deploy:
         groups = [Group(l["layer"], Option("original", l["candidates"][0]["latency_ms"], 0.0),
                         [Option(c["key"], c["latency_ms"], c["error"]) for c in l["candidates"][1:]])
                   for l in table["layers"]]
-        chosen = select(groups, goal_ms - table["overhead_ms"])
-        predicted = table["overhead_ms"] + chosen.latency_ms
-        result = {"goal_ms": goal_ms, "layer_budget_ms": chosen.budget_ms, "resolution_ms": chosen.resolution_ms,
+        model = LatencyModel(original_ms, table["layers_ms"])
+        chosen = select(groups, model.layer_budget(goal_ms))
+        predicted = model.predict(chosen.latency_ms)
+        result = {"goal_ms": goal_ms, "latency_model": model.describe(), "layer_budget_ms": chosen.budget_ms, "resolution_ms": chosen.resolution_ms,
                   "met": chosen.met, "predicted_ms": predicted, "predicted_speedup": original_ms / predicted
                   if predicted > 0 else None, "total_error": chosen.error,
                   "choices": {layer: o.key for layer, o in chosen.choices.items()}, "refused": chosen.refused}
@@ -429,11 +430,47 @@ def _feeds_fingerprint(feeds) -> str | None:
     return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class LatencyModel:
+    """The model's latency from its candidate layers' latencies, each timed alone.
+
+    When the layers timed alone sum to less than the whole model, the rest (pooling, additions, the
+    cost of one call after idle) is a constant: predicted = rest + the chosen layers. When they sum to
+    more (a layer alone pays a call's overhead and runs unfused; a cache filled in a loaded hour
+    inflates every entry), a constant would be negative and every millisecond saved alone would count
+    in full; the layers are then taken as the whole model's time in proportion: predicted = whole x
+    chosen / originals. Both are `whole x (chosen + rest) / (originals + rest)` with rest >= 0.
+    """
+    whole_ms: float
+    layers_ms: float
+
+    @property
+    def rest_ms(self) -> float:
+        return max(self.whole_ms - self.layers_ms, 0.0)
+
+    @property
+    def scale(self) -> float:
+        return self.whole_ms / (self.layers_ms + self.rest_ms) if self.layers_ms + self.rest_ms > 0 else 1.0
+
+    def predict(self, chosen_ms: float) -> float:
+        return self.scale * (chosen_ms + self.rest_ms)
+
+    def layer_budget(self, goal_ms: float) -> float:
+        """The largest sum of chosen layer latencies whose prediction stays within `goal_ms`."""
+        return goal_ms / self.scale - self.rest_ms
+
+    def describe(self) -> str:
+        if self.scale >= 1.0 - 1e-12:
+            return f"rest of the model {self.rest_ms:.3f} ms + the chosen layers"
+        return (f"the layers alone sum to {self.layers_ms:.3f} ms, more than the whole model's {self.whole_ms:.3f} ms: "
+                f"predicted = {self.scale:.3f} x the chosen layers")
+
+
 def _group_json(group: cand.LayerCandidates) -> dict:
     return {"layer": group.layer, "kind": group.kind, "in_shape": list(group.in_shape),
             "candidates": [{"key": c.key, "method": c.method, "ranks": list(c.ranks), "latency_ms": c.latency_ms,
                             "iqr_ms": c.iqr_ms, "error": c.error, "flops": int(c.flops), "params": int(c.params),
-                            "cached": c.cached, "emulated": c.emulated} for c in group.candidates]}
+                            "cached": c.cached, "emulated": c.emulated, "noisy": c.noisy} for c in group.candidates]}
 
 
 def _parse_key(key: str) -> tuple[str, tuple[int, ...]]:

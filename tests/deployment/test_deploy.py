@@ -125,3 +125,33 @@ def test_bad_input_fails_with_status_2_and_writes_nothing(tmp_path, capsys, argv
     assert main(["deploy", "digits", *argv, "-o", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_noisy_layer_is_timed_again_and_keeps_each_candidates_lowest_median(tmp_path, monkeypatch):
+    import tensorfold as tf
+    from tensorfold.deployment import candidates as cand
+    from tensorfold.models import resolve
+    from tensorfold.targets import get_target
+
+    folded, _ = tf.compress(resolve("digits"), "fold_bn")
+    group = cand.layer_groups(folded, (2.0, 4.0))[0]
+    n = len(group.candidates)
+    # scripted timings: the first pass is disturbed for every candidate; later passes only for the last one
+    passes = [[{"median_ms": 1.0, "iqr_ms": 0.9}] * n,
+              [{"median_ms": 0.5, "iqr_ms": 0.01}] * (n - 1) + [{"median_ms": 2.0, "iqr_ms": 0.9}],
+              [{"median_ms": 0.6, "iqr_ms": 0.01}] * (n - 1) + [{"median_ms": 3.0, "iqr_ms": 1.5}]]
+    calls = []
+
+    def scripted(runners):
+        calls.append(len(runners))
+        return [dict(t) for t in passes[len(calls) - 1]]
+    monkeypatch.setattr(lat, "time_runners", scripted)
+    target = get_target("x86")
+    cache = lat.LatencyCache(target, "onnxruntime", 1, directory=str(tmp_path))
+    lat.measure_groups([group], lat.open_engine("onnxruntime", target, 1, str(tmp_path)), cache, progress=False)
+
+    assert calls == [n] * (1 + lat.RETRIES)  # retried while a candidate stayed noisy, then gave up
+    assert [c.latency_ms for c in group.candidates] == [0.5] * (n - 1) + [1.0]
+    assert [c.noisy for c in group.candidates] == [False] * (n - 1) + [True]
+    stored = lat.LatencyCache(target, "onnxruntime", 1, directory=str(tmp_path))
+    assert [stored.get(lat.entry_key(group, c))["noisy"] for c in group.candidates] == [False] * (n - 1) + [True]

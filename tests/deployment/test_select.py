@@ -67,3 +67,25 @@ def test_dynamic_programming_matches_brute_force(seed):
     for group in groups:  # never a replacement measured slower than (or as slow as) its layer
         assert chosen.choices[group.layer].latency_ms < group.original.latency_ms \
             or chosen.choices[group.layer].key == "original"
+
+
+def test_latency_model_adds_the_rest_of_the_model_when_the_layers_sum_to_less():
+    from tensorfold.deployment.run import LatencyModel
+
+    model = LatencyModel(whole_ms=10.0, layers_ms=8.0)  # 2 ms of pooling, additions, call overhead
+    assert model.predict(8.0) == pytest.approx(10.0) and model.predict(4.0) == pytest.approx(6.0)
+    assert model.layer_budget(5.0) == pytest.approx(3.0) and model.predict(model.layer_budget(5.0)) == pytest.approx(5.0)
+
+
+def test_latency_model_scales_the_layers_when_they_sum_to_more_than_the_model():
+    # every layer timed in a loaded hour (or paying a call's overhead alone): 30 ms of layers, a 20 ms model.
+    # A constant of -10 ms would predict 2 ms for halving every layer; in proportion it is 10 ms.
+    from tensorfold.deployment.run import LatencyModel
+
+    model = LatencyModel(whole_ms=20.0, layers_ms=30.0)
+    assert model.predict(30.0) == pytest.approx(20.0) and model.predict(15.0) == pytest.approx(10.0)
+    assert model.predict(model.layer_budget(10.0)) == pytest.approx(10.0)
+    chosen = select([Group("a", Option("original", 15.0, 0.0), [Option("half", 7.5, 0.1)]),
+                     Group("b", Option("original", 15.0, 0.0), [Option("half", 7.5, 0.2)])], model.layer_budget(16.0))
+    assert {k: o.key for k, o in chosen.choices.items()} == {"a": "half", "b": "original"}
+    assert chosen.met and model.predict(chosen.latency_ms) == pytest.approx(15.0)
