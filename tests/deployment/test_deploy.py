@@ -155,3 +155,46 @@ def test_a_noisy_layer_is_timed_again_and_keeps_each_candidates_lowest_median(tm
     assert [c.noisy for c in group.candidates] == [False] * (n - 1) + [True]
     stored = lat.LatencyCache(target, "onnxruntime", 1, directory=str(tmp_path))
     assert [stored.get(lat.entry_key(group, c))["noisy"] for c in group.candidates] == [False] * (n - 1) + [True]
+
+
+def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighter_goal(env, monkeypatch):
+    import torch
+    from torch import nn
+
+    import tensorfold as tf
+
+    root, _ = env
+    # three 64-channel 3x3 convs at 32x32: the layers are most of the model, so a goal is reachable
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10)).eval()
+    graph = tf.capture(model, torch.randn(1, 32, 32, 32))
+    # the whole-model check, scripted: the first compressed model measures at 0.99 of the original's time
+    # although the prediction met the goal; the second one is taken as measured at its prediction
+    delivered = []
+
+    def scripted_check(self, folded, compressed, key, attempt):
+        delivered.append(compressed)
+        ratio = 0.99 if attempt == 0 else self.last_prediction
+        return {"original_ms": 1.0, "compressed_ms": ratio, "measured_ratio": ratio}
+
+    original_selection = deploy_run._Deploy.selection
+
+    def remember_prediction(self, table, correction=1.0):
+        result = original_selection(self, table, correction)
+        self.last_prediction = result["predicted_ms"] / table["original_ms"]["median_ms"]
+        return result
+    monkeypatch.setattr(deploy_run._Deploy, "check", scripted_check)
+    monkeypatch.setattr(deploy_run._Deploy, "selection", remember_prediction)
+    result = deploy(graph, "x86", root / "corrected", speedup=1.3, rounds=ROUNDS, progress=False)
+
+    selection = result.report["selection"]
+    first, second = selection["checks"]
+    assert first["measured_ratio"] == 0.99 > first["goal_ratio"] >= first["predicted_ratio"]  # promised, missed
+    assert second["correction"] == pytest.approx(0.99 / first["predicted_ratio"])  # the prediction's own error
+    original_ms = result.report["latency_table"]["original_ms"]["median_ms"]
+    assert selection["goal_ms"] == pytest.approx(first["goal_ratio"] * original_ms / second["correction"])
+    assert second["predicted_ratio"] < first["predicted_ratio"]  # a faster set was chosen ...
+    assert len(delivered) == 2 and delivered[1] is not delivered[0]  # ... compressed again, and delivered
+    assert result.report["pipeline"] != "fold_bn"
+    assert "Checked on the whole model" in (root / "corrected" / "report.md").read_text()
