@@ -13,12 +13,20 @@ from tensorly.decomposition import tensor_train_matrix
 from tensorfold.ir.specs import TTLinear
 
 from ..equivalent import dense_weight
+from .sigma import svd_sigma_factors
 
 
 def project_rank(matrix: np.ndarray, rank: int) -> np.ndarray:
     """The best rank-`rank` approximation of `matrix` in the Frobenius norm, float64."""
     u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def project_rank_sigma(matrix: np.ndarray, rank: int, sigma: np.ndarray) -> np.ndarray:
+    """The rank-`rank` Z nearest `matrix` in the Sigma-norm, tr((M - Z) Sigma (M - Z)^T): U_r U_r^T M with
+    U_r the top eigenvectors of M Sigma M^T (SVD-Sigma's closed form)."""
+    w1, w2 = svd_sigma_factors(np.asarray(matrix, np.float64), rank, sigma)
+    return w2 @ w1
 
 
 def project_tt(matrix: np.ndarray, ranks: Sequence[int], in_modes: Sequence[int],

@@ -11,7 +11,7 @@ from torch import nn
 
 import tensorfold as tf
 from tensorfold.ir.errors import PipelineError
-from tensorfold.passes.decompose.projection import project_rank, project_tt
+from tensorfold.passes.decompose.projection import project_rank, project_rank_sigma, project_tt
 from tensorfold.runtime.evaluate import predict
 
 
@@ -55,6 +55,46 @@ def test_rank_projection_is_eckart_young():
     s = np.linalg.svd(m, compute_uv=False)
     assert np.linalg.matrix_rank(p) == 5
     assert np.linalg.norm(m - p) == pytest.approx(math.sqrt(np.sum(s[5:] ** 2)), rel=1e-10)
+
+
+def test_sigma_projection_is_eckart_young_in_the_data_norm():
+    rng = np.random.default_rng(4)
+    m = rng.normal(size=(20, 30))
+    a = rng.normal(size=(30, 30))
+    sigma = a @ a.T / 30 + 0.1 * np.eye(30)
+    values, vectors = np.linalg.eigh(sigma)
+    root = (vectors * np.sqrt(values)) @ vectors.T  # Sigma^(1/2): the data norm is ||(M - Z) Sigma^(1/2)||_F
+    p = project_rank_sigma(m, 5, sigma)
+    whitened = np.linalg.svd(m @ root, compute_uv=False)
+    assert np.linalg.matrix_rank(p) == 5
+    assert np.linalg.norm((m - p) @ root) == pytest.approx(math.sqrt(np.sum(whitened[5:] ** 2)), rel=1e-8)
+    # and it is the whitened truncation mapped back, not merely as good
+    u, s, vt = np.linalg.svd(m @ root)
+    assert np.allclose(p, (u[:, :5] * s[:5]) @ vt[:5] @ np.linalg.inv(root), atol=1e-8)
+
+
+def test_admm_in_the_data_norm_finds_the_rank_the_inputs_have():
+    # a full-rank layer whose inputs span 6 of their 48 directions: rank 6 loses nothing on these inputs,
+    # yet the weight itself is far from rank 6 (a weight-only projection loses most of the outputs)
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(4096, 6)) @ rng.normal(size=(6, 48)) + 1e-3 * rng.normal(size=(4096, 48))).astype(np.float32)
+    layer = nn.Linear(48, 32, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(rng.normal(size=(32, 48)) / 7))
+    y = layer(torch.from_numpy(x)).detach().numpy()  # the layer is the exact solution: MSE 0 to start from
+    trained = tf.capture(nn.Sequential(layer).eval(), torch.zeros(1, 48))
+    steps = "iters=4, epochs_per_iter=1, lr=0.001, rho=0.01, force=true, finetune=(epochs=1, lr=0.0001)"
+    results = {}
+    for label, options in (("data", "energy=0.999, data=true"), ("weights", "rank=6")):
+        result, report = tf.compress(trained, f"admm_lowrank({options}, {steps})", train_data=(x, y),
+                                     calibration=[x[:1024]])
+        results[label] = (result, report.passes[-1])
+    data_step, weight_step = results["data"][1], results["weights"][1]
+    assert data_step.records[0].details["ranks"] == [6]  # the rank the inputs have, found from the data
+    assert [l.spec.weight.shape for l in results["data"][0].layers()] == [(6, 48), (32, 6)]
+    assert data_step.summary["held-out MSE after ADMM (W := Z)"] < 1e-3 * float(np.mean(y ** 2))
+    assert weight_step.summary["held-out MSE after ADMM (W := Z)"] > 10 * data_step.summary[
+        "held-out MSE after ADMM (W := Z)"]
 
 
 def test_tt_rounding_drops_what_tt_svd_says():
@@ -120,6 +160,12 @@ def test_admm_bad_input_is_named():
         tf.compress(graph, "admm_lowrank")
     with pytest.raises(PipelineError, match="format='cp'"):
         tf.compress(graph, "admm_lowrank(format=cp)", train_data=data)
+    with pytest.raises(PipelineError, match="energy= keeps output energy on calibration data; give data=true"):
+        tf.compress(graph, "admm_lowrank(energy=0.9)", train_data=data)
+    with pytest.raises(PipelineError, match="data=true projects in the Sigma-norm by SVD; it needs format=svd"):
+        tf.compress(graph, "admm_lowrank(format=tt, data=true)", train_data=data)
+    with pytest.raises(PipelineError, match="is data-driven and got no calibration data"):
+        tf.compress(graph, "admm_lowrank(data=true, rank=2)", train_data=data)
     # 7 -> 13: primes, no TT shape factors this layer: skipped with the reason, graph unchanged
     result, report = tf.compress(graph, "admm_lowrank(format=tt, rank=2)", train_data=data)
     step = report.passes[-1]
