@@ -28,8 +28,10 @@ from tensorfold.targets.registry import host_cpu
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18-digits"],
-                        help="tasks or model names (torchvision:resnet18 runs at 1x3x224x224, random weights)")
+                        help="tasks or model names (torchvision:resnet18 runs at 1x3x224x224; see --weights)")
     parser.add_argument("--speedup", nargs="+", type=float, default=[2.0], help="requested speed-ups")
+    parser.add_argument("--weights", choices=("random", "planted"), default="planted",
+                        help="torchvision models: planted low-rank weights (default) or random ones")
     parser.add_argument("--target", default="x86")
     parser.add_argument("--rounds", type=int, default=20, help="tf.measure rounds (default 20)")
     parser.add_argument("--work-dir", help="deploy output folders (default: a temporary folder)")
@@ -46,11 +48,28 @@ def budget_fraction(graph, target: float) -> float:
     return max(min(1 - (1 - target) * total / max(factorable, 1), 0.99), 0.01)
 
 
+def load_model(model: str, weights: str):
+    """What deploy gets: the name (a task, or torchvision:<arch> with its random weights), or for
+    --weights planted a torchvision model whose convs and linears have Tucker-2 / matrix rank 1/4 + 1 %
+    noise (benchmarks/decompose.py): the errors of compression then differ by layer and by rank as in a
+    trained network, which random weights (flat spectra) do not."""
+    if weights == "random" or not model.startswith("torchvision:"):
+        return model, resolve(model)
+    import torch
+    import torchvision
+    from decompose import plant_low_rank
+
+    module = torchvision.models.get_model(model.split(":", 1)[1], weights=None).eval()
+    plant_low_rank(module)
+    graph = tf.capture(module, torch.randn(1, 3, 224, 224), source=f"{model} (planted)")
+    return graph, graph
+
+
 def run_one(model: str, speedup: float, args, work: str) -> dict:
-    out = os.path.join(work, f"{model.replace(':', '_')}_x{speedup:g}")
-    deployed = tf.deploy(model, args.target, out, speedup=speedup, rounds=args.rounds, progress=True)
+    out = os.path.join(work, f"{model.replace(':', '_')}_{args.weights}_x{speedup:g}")
+    given, original = load_model(model, args.weights)
+    deployed = tf.deploy(given, args.target, out, speedup=speedup, rounds=args.rounds, progress=True)
     report = deployed.report
-    original = resolve(model)
     folded, _ = tf.compress(original, "fold_bn")
     ratio = report["compress"]["flops_after"] / report["compress"]["flops_before"]
     b = budget_fraction(folded, ratio)
@@ -69,7 +88,9 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     def top1(name):
         return (rows[name].get("accuracy") or {}).get("top1")
     refused = report["selection"]["refused"]
-    return {"model": model, "speedup_asked": speedup, "machine": host_cpu(), "engine": report["engine"],
+    checks = report["selection"].get("checks") or []
+    return {"model": model, "weights": args.weights if model.startswith("torchvision:") else "trained",
+            "speedup_asked": speedup, "checks": checks, "machine": host_cpu(), "engine": report["engine"],
             "threads": report["threads"], "deploy_verdict": report["verdict"], "int8": report["int8"], "predicted_ms":
             report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
             "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
@@ -95,11 +116,12 @@ def main(argv=None) -> int:
             rows.append(row)
             same = row["same_run"]
             top1 = {k: ("" if v is None else f"{100 * v:.2f} %") for k, v in same["top1"].items()}
-            print(f"\n{model} --speedup {speedup:g} on {row['machine']}, {row['engine']} {row['threads']} threads:")
+            print(f"\n{model} ({row['weights']} weights) --speedup {speedup:g} on {row['machine']}, {row['engine']} {row['threads']} threads:")
             print(f"  deploy: {'met' if row['deploy_verdict']['met'] else 'NOT met'} "
                   f"({row['deploy_verdict']['summary']})")
             print(f"  predicted {row['predicted_ms']:.3f} ms, measured {row['deploy_measured_ms']:.3f} ms "
-                  f"(error {100 * row['prediction_error']:+.1f} %)")
+                  f"(error {100 * row['prediction_error']:+.1f} %); whole-model checks (measured / predicted ratio): "
+                  + ", ".join(f"{c['measured_ratio']:.3f} / {c['predicted_ratio']:.3f}" for c in row["checks"]))
             print(f"  same run: original {same['original_ms']:.3f} ms {top1.get('original')}; deploy "
                   f"{same['deploy_ms']:.3f} ms ({same['deploy_speedup']:.2f}x, {1 / row['flops_ratio']:.2f}x fewer "
                   f"FLOPs) {top1.get('deploy')}; flops-based {same['flops_based_ms']:.3f} ms "
