@@ -3,13 +3,16 @@ on the `image-mlp` task, against the table that motivates it (plain int8: 2.47x 
 PSNR 27.14 -> 21.77 dB).
 
 Rows: the fp32 original; plain int8 (the paper's baseline row); k-means + Huffman; ADMM low-rank;
-ADMM low-rank + k-means + Huffman; ADMM low-rank + int8. Per row: PSNR of the whole reconstructed image
+ADMM low-rank + k-means + Huffman; ADMM low-rank + int8. The ADMM runs in the data norm (penalty and
+projection in the Sigma-norm of each layer's calibration inputs, ranks per layer from the output energy),
+with the weight-norm ADMM at one rank for every layer beside it; a reference row trains the original for
+as many epochs as the ADMM row does in all. Per row: PSNR of the whole reconstructed image
 (each engine's own outputs: int8 as onnxruntime and TVM run it), the file size (.tfz for coded weights,
 .onnx otherwise) and latency measured side by side in one run on x86 (torch eager, onnxruntime, TVM tuned
 with --tune-trials per candidate) on batches of 4096 pixel coordinates. The reconstructions are saved
 side by side in one PNG.
 
-    python benchmarks/mlp_workflow.py --tune-trials 64 --report mlp.json --image mlp.png
+    python benchmarks/mlp_workflow.py --tune-trials 48 --report mlp.json --image mlp.png
     python benchmarks/mlp_workflow.py --latency off          # PSNR and sizes only
 """
 from __future__ import annotations
@@ -32,17 +35,33 @@ from tensorfold.targets.registry import host_cpu
 BATCH = 4096  # pixel coordinates per inference call
 
 
-def pipelines(admm: str) -> list[tuple[str, str | None, str | None]]:
-    """(row, the row it starts from, pipeline): None is the original; ADMM runs once, the rows after it
-    code or quantize that one result."""
+def pipelines(admm: str, admm_weights: str, reference_epochs: int) -> list[tuple[str, str | None, str | None]]:
+    """(row, the row it starts from, pipeline): None is the original; the data-norm ADMM runs once and the
+    rows after it code or quantize that one result. The reference row trains the original for as many
+    epochs as the ADMM row trains in all, so that what extra training alone buys is in the table too."""
     return [
         ("fp32 original", None, None),
+        (f"fp32 original + {reference_epochs} epochs (reference)", "fp32 original",
+         f"finetune(epochs={reference_epochs}, lr=0.001, batch=4096, distill=false)"),
         ("int8 (plain)", "fp32 original", "int8"),
         ("k-means + Huffman", "fp32 original", "kmeans, huffman"),
-        ("ADMM low-rank", "fp32 original", admm),
-        ("ADMM low-rank + k-means + Huffman", "ADMM low-rank", "kmeans, huffman"),
-        ("ADMM low-rank + int8", "ADMM low-rank", "int8"),
+        ("ADMM low-rank, weight norm", "fp32 original", admm_weights),
+        ("ADMM low-rank, data norm", "fp32 original", admm),
+        ("ADMM data norm + k-means + Huffman", "ADMM low-rank, data norm", "kmeans, huffman"),
+        ("ADMM data norm + int8", "ADMM low-rank, data norm", "int8"),
     ]
+
+
+def training_epochs(pipeline: str) -> int:
+    """Epochs an admm_lowrank pipeline trains in all: iters x epochs_per_iter + its fine-tune's epochs."""
+    import re
+
+    def option(name: str, default: int) -> int:
+        found = re.search(rf"\b{name}=(\d+)", pipeline)
+        return int(found.group(1)) if found else default
+    finetune = re.search(r"finetune=\(([^)]*)\)", pipeline)
+    tune = int(re.search(r"epochs=(\d+)", finetune.group(1)).group(1)) if finetune and "epochs=" in finetune.group(1) else 2
+    return option("iters", 8) * option("epochs_per_iter", 1) + tune
 
 
 def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
@@ -54,9 +73,14 @@ def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--admm", default="admm_lowrank(ratio=2, iters=10, epochs_per_iter=2, batch=4096, lr=0.001, "
-                                          "rho=0.001, finetune=(epochs=20, lr=0.001, distill=false))",
-                        help="the ADMM step of the workflow")
+    parser.add_argument("--admm", default="admm_lowrank(energy=0.99, data=true, iters=10, epochs_per_iter=2, "
+                                          "batch=4096, lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=40, "
+                                          "lr=0.001, distill=false))",
+                        help="the ADMM step of the workflow (data norm: ranks per layer from calibration data)")
+    parser.add_argument("--admm-weights", default="admm_lowrank(ratio=2, iters=10, epochs_per_iter=2, batch=4096, "
+                                                  "lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=40, lr=0.001, "
+                                                  "distill=false))",
+                        help="the same ADMM in the weight norm (one rank for every layer), for comparison")
     parser.add_argument("--latency", choices=("on", "off"), default="on")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per TVM build (0: untuned)")
     parser.add_argument("--rounds", type=int, default=20)
@@ -74,7 +98,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="tensorfold-mlp-workflow-")
     rows, candidates, images = [], {}, {}
     base_bytes = None
-    for label, start, pipeline in pipelines(args.admm):
+    for label, start, pipeline in pipelines(args.admm, args.admm_weights, training_epochs(args.admm)):
         started = time.perf_counter()
         if pipeline is None:
             compressed = graph
