@@ -23,7 +23,11 @@ class DataError(TensorfoldError):
 def load_data(data: Any, input_shape: Sequence[int], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, description). `data`: a task name (its test set), an ImageFolder directory, or (images, labels)."""
     if isinstance(data, tuple) and len(data) == 2:
-        images, labels, what = np.asarray(data[0], np.float32), np.asarray(data[1], np.int64), "given arrays"
+        labels = np.asarray(data[1])
+        # class labels stay integers; float targets (a regression task's) stay floats: casting them to
+        # int64 turned every grey value of image-mlp into 0
+        labels = labels.astype(np.int64) if labels.dtype.kind in "iub" else labels.astype(np.float32)
+        images, what = np.asarray(data[0], np.float32), "given arrays"
     elif is_task(data):  # before folders: `digits` always meant the bundled set (a folder of that name: ./digits)
         images, labels = get_task(data).test_data()
         what = f"{data} test set"

@@ -257,7 +257,8 @@ def _record_outputs(row: dict, outputs: dict, candidate: Candidate, engine: str,
                     logits: np.ndarray, labels: np.ndarray | None, evaluator) -> None:
     outputs[(candidate.name, engine, target.name)] = logits
     if labels is not None:
-        row["accuracy"] = acc.classification(logits, labels)
+        if labels.dtype.kind in "iu":  # class labels; float targets are scored by the evaluator alone
+            row["accuracy"] = acc.classification(logits, labels)
         if evaluator is not None:
             row["evaluator"] = {k: _plain(v) for k, v in dict(evaluator(logits, labels)).items()}
 

@@ -123,3 +123,24 @@ def test_cli_measure_with_passes(tmp_path, capsys):
     assert all(r["accuracy"]["top1"] > 0.9 for r in saved["rows"])
     printed = capsys.readouterr().out
     assert "threads" in printed and "fastest for original on x86:" in printed
+
+
+def test_a_regression_task_keeps_its_float_targets_and_is_scored_by_its_evaluator(tmp_path):
+    # float targets (a coordinate MLP's grey values in [0, 1]) given as arrays: they were once cast to
+    # int64, so every engine scored its outputs against zeros
+    from torch import nn
+
+    from tensorfold.runtime.tasks.evaluators import image_psnr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    with torch.no_grad():
+        y = (model(torch.from_numpy(x)).numpy() + 0.05 * np.random.default_rng(1).standard_normal((64, 1))).clip(0, 1)
+    expected = image_psnr(model(torch.from_numpy(x)).detach().numpy(), y)["psnr"]
+    report = tf.measure({"mlp": tf.capture(model, (torch.zeros(8, 16),))}, "x86", data=(x, y.astype(np.float32)),
+                        evaluator=image_psnr, engines=["torch", "onnxruntime"], rounds=2, warmup=1,
+                        work_dir=tmp_path, progress=False)
+    for row in report.rows:
+        assert "accuracy" not in row  # no top-1 of grey values
+        assert row["evaluator"]["psnr"] == pytest.approx(expected, abs=1e-3), row["engine"]
