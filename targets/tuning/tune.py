@@ -7,6 +7,7 @@ build's work dir (MetaSchedule prints a table per iteration otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -76,13 +77,12 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     tvm_target = target.tvm()
     tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
     summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
-    if trials <= 0 and not os.path.isdir(database_dir):
-        summary.untuned = list(summary.tasks)  # nothing to reuse, nothing to tune
-        return mod, summary
     # Held from opening (which may repair the files) to the end of tuning; the records are then
-    # in memory, so applying them needs no lock.
-    with database_lock(database_dir, f"tuning {len(tasks)} task(s) for {target.name}" if trials > 0 else
-                       f"reading records for {target.name}", _lock_notice(progress)) as waited:
+    # in memory, so applying them needs no lock. No folder and nothing to tune: nothing to lock.
+    lock = (database_lock(database_dir, f"tuning {len(tasks)} task(s) for {target.name}" if trials > 0 else
+                          f"reading records for {target.name}", _lock_notice(progress))
+            if trials > 0 or os.path.isdir(database_dir) else contextlib.nullcontext(0.0))
+    with lock as waited:
         summary.lock_wait_seconds = round(waited, 2)
         database, repair = open_database(database_dir, target, create=False)
         summary.database_repairs = repair.messages()
