@@ -59,6 +59,13 @@ def plant_low_rank(model: nn.Module, seed: int = 0) -> None:
         module.weight.data = torch.from_numpy(kernel.astype(np.float32))
 
 
+def planted_graph(arch: str, size: int):
+    """torchvision:<arch> with plant_low_rank's weights, captured at 1 x 3 x size x size."""
+    module = torchvision.models.get_model(arch, weights=None).eval()
+    plant_low_rank(module)
+    return tf.capture(module, torch.randn(1, 3, size, size), source=f"torchvision:{arch} (planted)")
+
+
 def run(model_name: str, weights: str, methods: list[str], size: int) -> list[dict]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None).eval()

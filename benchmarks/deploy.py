@@ -55,13 +55,9 @@ def load_model(model: str, weights: str):
     trained network, which random weights (flat spectra) do not."""
     if weights == "random" or not model.startswith("torchvision:"):
         return model, resolve(model)
-    import torch
-    import torchvision
-    from decompose import plant_low_rank
+    from decompose import planted_graph
 
-    module = torchvision.models.get_model(model.split(":", 1)[1], weights=None).eval()
-    plant_low_rank(module)
-    graph = tf.capture(module, torch.randn(1, 3, 224, 224), source=f"{model} (planted)")
+    graph = planted_graph(model.split(":", 1)[1], 224)
     return graph, graph
 
 

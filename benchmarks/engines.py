@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 import torchvision
-from decompose import plant_low_rank
+from decompose import planted_graph
 from peak import measure_peak_gflops
 
 import tensorfold as tf
@@ -32,9 +32,7 @@ from tensorfold.runtime.engines import default_threads
 def run(arch: str, size: int, passes: str, tune_trials: int, rounds: int, warmup: int, work: str, peak: dict,
         further: int = 0, weights: str = "random") -> None:
     if weights == "planted":  # low-rank structure for EVBMF to find (decompose.py); latency is weight-blind
-        module = torchvision.models.get_model(arch, weights=None).eval()
-        plant_low_rank(module)
-        graph = tf.capture(module, torch.randn(1, 3, size, size), source=f"torchvision:{arch} (planted)")
+        graph = planted_graph(arch, size)
     else:
         graph = resolve(f"torchvision:{arch}", (1, 3, size, size))
     candidates = {"original": graph}

@@ -53,15 +53,14 @@ def pipelines(admm: str, admm_weights: str, reference_epochs: int) -> list[tuple
 
 
 def training_epochs(pipeline: str) -> int:
-    """Epochs an admm_lowrank pipeline trains in all: iters x epochs_per_iter + its fine-tune's epochs."""
-    import re
+    """Epochs an admm_lowrank pipeline trains in all: iters x epochs_per_iter + its fine-tune's epochs
+    (read with the pass's own parser and defaults)."""
+    from tensorfold.passes import load_all, parse
+    from tensorfold.passes.training.finetune import parse_options
 
-    def option(name: str, default: int) -> int:
-        found = re.search(rf"\b{name}=(\d+)", pipeline)
-        return int(found.group(1)) if found else default
-    finetune = re.search(r"finetune=\(([^)]*)\)", pipeline)
-    tune = int(re.search(r"epochs=(\d+)", finetune.group(1)).group(1)) if finetune and "epochs=" in finetune.group(1) else 2
-    return option("iters", 8) * option("epochs_per_iter", 1) + tune
+    (name, given), = parse(pipeline)
+    options = load_all()[name].resolve(given)
+    return options["iters"] * options["epochs_per_iter"] + parse_options(options["finetune"])["epochs"]
 
 
 def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
