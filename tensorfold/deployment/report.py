@@ -107,6 +107,7 @@ def markdown(report: dict, out: str) -> str:
     if table is not None:
         sel = report["selection"]
         cache = table["cache"]
+        noisy = sum(bool(c.get("noisy")) for layer in table["layers"] for c in layer["candidates"])
         lines += ["## Latency model", "",
                   f"Each candidate layer (and each replacement's factor chain) ran alone at its real input shape, "
                   f"batch 1, on {table['engine']}: median of {table['rounds']} interleaved rounds, each sample the "
@@ -119,9 +120,8 @@ def markdown(report: dict, out: str) -> str:
                      if table["original_ms"].get("blocks_median_ms") else "")
                   + f"; its candidate layers sum to {_ms(table['layers_ms'])} ms. Predicted latency: "
                   + sel.get("latency_model", f"overhead {_ms(table['overhead_ms'])} ms + the chosen layers")
-                  + (f". {sum(c.get('noisy', False) for l in table['layers'] for c in l['candidates'])} latencies "
-                     "stayed noisy after retries (IQR above a quarter of the median)"
-                     if any(c.get("noisy") for l in table["layers"] for c in l["candidates"]) else "") + ".",
+                  + (f". {noisy} latencies stayed noisy after retries (IQR above a quarter of the median)"
+                     if noisy else "") + ".",
                   "", f"Latency cache {cache['path']}: " + (
                       "stage reused from OUT/stages (nothing measured)" if cache.get("stage_reused") else
                       f"{cache['hits']} hits, {cache['misses']} measured") + ".", "",
