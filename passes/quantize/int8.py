@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 import logging
 import os
+import platform
 import tempfile
 import time
 
@@ -44,6 +45,8 @@ QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
     "keep_first": Option(bool, False, "leave the first conv/linear layer in float"),
     "keep_last": Option(bool, False, "leave the last conv/linear layer in float"),
     "exclude": Option(str, "", "layers left in float: glob patterns on layer names, '|'-separated"),
+    "reduce_range": Option(str, "auto", "weights in 7 bits, so that x86 without VNNI (vpmaddubsw) cannot saturate: "
+                                        "true, false, or auto (true when this CPU is such a one)"),
 })
 def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, PassReport]:
     """Post-training static int8 (QDQ ONNX: s8 per-channel weights, u8 per-tensor activations); needs calibration data."""
@@ -57,6 +60,7 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
         raise PipelineError(f"int8: calibrate={options['calibrate']!r}; expected minmax or percentile")
     if not 0 < options["percentile"] <= 100:
         raise PipelineError(f"int8: percentile={options['percentile']} must lie in (0, 100]")
+    options = {**options, "reduce_range": _reduce_range(options["reduce_range"], report)}
     source = _as_onnx(graph)
     options = _prepare(source, options, report)
     layers = [l for l in source.layers() if l.kind in ("conv", "linear") and l.facts["op"] in QUANTIZED_OPS]
@@ -84,10 +88,41 @@ def int8(graph: Graph, options: dict, context: PassContext) -> tuple[Graph, Pass
                                    "(e.g. its weight on the left): its error is in the whole-model error only",
                                    method="int8 (onnxruntime's quantizer)"))
     report.summary = {"model bytes fp32": source.model.ByteSize(), "model bytes int8": result.model.ByteSize(),
-                      "calibration batches": len(feeds)}
+                      "calibration batches": len(feeds), "weight bits": 7 if options["reduce_range"] else 8}
     report.warnings.append("random inputs fall outside the calibrated ranges, so their errors are an upper bound; "
                            "the calibration errors are the ones that predict accuracy")
     return result, report
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo names of x86's u8 x s8 -> s32 dot products
+
+
+def u8s8_saturates() -> bool:
+    """Whether this CPU is x86 without a VNNI dot product: there onnxruntime's (and oneDNN's) u8 x s8 kernels
+    multiply with vpmaddubsw, whose 16-bit sum of two products saturates (255 * 127 * 2 > 32767): full-range
+    weights give silently wrong outputs (15 % error on a random matmul on a Zen 3). 7-bit weights cannot."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.partition(":")[2].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return not VNNI_FLAGS & set(flags)
+
+
+def _reduce_range(value: str, report: PassReport) -> bool:
+    value = value.strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise PipelineError(f"int8: reduce_range={value!r}; expected auto, true or false")
+    if value != "auto":
+        return value == "true"
+    if u8s8_saturates():
+        report.warnings.append("weights quantized in 7 bits (reduce_range=auto): this CPU is x86 without VNNI, whose "
+                               "int8 kernels saturate on full-range weights; reduce_range=false for a model that "
+                               "will only run on CPUs with VNNI (or ARM)")
+        return True
+    return False
 
 
 def _as_onnx(graph: Graph) -> OnnxGraph:
@@ -188,7 +223,8 @@ def _quantize(source: OnnxGraph, feeds: Feeds, options: dict, exclude: list[str]
             quantize_static(copy.deepcopy(source.model), path, reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=options["per_channel"],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra)
+                            nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra,
+                            reduce_range=options["reduce_range"])
         except Exception as e:  # noqa: BLE001 - named, with the model it failed on
             raise PipelineError(f"{source.source}: onnxruntime's int8 quantizer failed: {type(e).__name__}: {e}") from e
         finally:

@@ -161,6 +161,81 @@ def test_bad_options(folded_onnx, calibration):
         tf.compress(folded_onnx, "int8(calibrate=kl)", calibration=[calibration[:8]])
     with pytest.raises(PipelineError, match="percentile"):
         tf.compress(folded_onnx, "int8(calibrate=percentile, percentile=0)", calibration=[calibration[:8]])
+    with pytest.raises(PipelineError, match="reduce_range='maybe'"):
+        tf.compress(folded_onnx, "int8(reduce_range=maybe)", calibration=[calibration[:8]])
+
+
+def _saturating_linear():
+    """A Linear whose u8 inputs span the whole range against full-size weights: where x86 without VNNI
+    multiplies u8 x s8 with vpmaddubsw, pairs of products overflow its 16-bit sums."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    x = np.random.default_rng(0).uniform(0, 6, (64, 64)).astype(np.float32)
+    return tf.capture(layer, torch.zeros(1, 64)), x
+
+
+def _int8_reference(graph, x):
+    """The QDQ graph's arithmetic in numpy: x through its Quantize/Dequantize pair, weights dequantized from
+    the stored integers, the output through its Quantize/Dequantize pair where the graph has one.
+    Returns (output, the stored weight integers, the output's quantization step or 0)."""
+    model = graph.model
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quant = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    scale, zero = init[quant.input[1]], init[quant.input[2]].astype(np.int32)
+    x_dq = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+    w_dq_node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init
+                     and init[n.input[0]].dtype == np.int8)
+    w_q = init[w_dq_node.input[0]]
+    w = w_q.astype(np.float32) * init[w_dq_node.input[1]].reshape(-1, 1)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    bias = next((init[i] for i in gemm.input[2:] if i in init), None)
+    if bias is None:  # the bias quantized to int32 goes through its own DequantizeLinear
+        b_node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == gemm.input[2])
+        bias = init[b_node.input[0]].astype(np.float32) * init[b_node.input[1]]
+    y = x_dq @ w.T + bias
+    out_quant = next((n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == gemm.output[0]),
+                     None)
+    if out_quant is None:
+        return y, w_q, 0.0
+    scale, zero = init[out_quant.input[1]], init[out_quant.input[2]].astype(np.int32)
+    return (np.clip(np.round(y / scale) + zero, 0, 255) - zero) * scale, w_q, float(scale)
+
+
+def test_reduce_range_weights_run_exactly_in_onnxruntime():
+    graph, x = _saturating_linear()
+    quantized, report = tf.compress(graph, "int8(reduce_range=true)", calibration=[x])
+    expected, w_q, step = _int8_reference(quantized, x)
+    assert np.abs(w_q).max() <= 64 and np.abs(w_q).max() >= 60  # 7 bits, used
+    assert report.passes[-1].summary["weight bits"] == 7
+    y = quantized.run({quantized.inputs[0].name: x})[quantized.output_names[0]]
+    off = np.abs(y - expected)
+    assert off.max() <= 1.01 * step + 1e-5  # at most a rounding tie apart
+    assert np.mean(off > 1e-5) < 0.01
+
+
+@pytest.mark.skipif(not __import__("tensorfold.passes.quantize.int8", fromlist=["u8s8_saturates"]).u8s8_saturates(),
+                    reason="this CPU has a VNNI dot product: u8 x s8 does not saturate")
+def test_full_range_weights_saturate_on_this_cpu():
+    """Why reduce_range=auto takes 7 bits here: full-range weights run wrong in onnxruntime."""
+    graph, x = _saturating_linear()
+    quantized, report = tf.compress(graph, "int8(reduce_range=false)", calibration=[x])
+    expected, w_q, step = _int8_reference(quantized, x)
+    assert np.abs(w_q).max() == 127 and report.passes[-1].summary["weight bits"] == 8
+    y = quantized.run({quantized.inputs[0].name: x})[quantized.output_names[0]]
+    assert np.abs(y - expected).max() > 5 * step
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_auto_follows_the_cpu(monkeypatch, saturates):
+    from tensorfold.passes.quantize import int8
+
+    monkeypatch.setattr(int8, "u8s8_saturates", lambda: saturates)
+    graph, x = _saturating_linear()
+    quantized, report = tf.compress(graph, "int8", calibration=[x])
+    _, w_q, _ = _int8_reference(quantized, x)
+    assert (np.abs(w_q).max() <= 64) == saturates
+    assert report.passes[-1].summary["weight bits"] == (7 if saturates else 8)
+    assert any("7 bits" in w for w in report.passes[-1].warnings) == saturates
 
 
 @pytest.mark.parametrize("opset", [11, 12, 13])
