@@ -9,7 +9,8 @@ with the weight-norm ADMM at one rank for every layer beside it; a reference row
 as many epochs as the ADMM row does in all. Per row: PSNR of the whole reconstructed image
 (each engine's own outputs: int8 as onnxruntime and TVM run it), the file size (.tfz for coded weights,
 .onnx otherwise) and latency measured side by side in one run on x86 (torch eager, onnxruntime, TVM tuned
-with --tune-trials per candidate) on batches of 4096 pixel coordinates. The reconstructions are saved
+with --tune-trials per candidate, and OpenVINO in f32 and its default precision where the openvino extra is
+installed) on batches of 4096 pixel coordinates. Each engine's ratio is against the original on that engine. The reconstructions are saved
 side by side in one PNG.
 
     python benchmarks/mlp_workflow.py --tune-trials 48 --report mlp.json --image mlp.png
@@ -33,6 +34,7 @@ from tensorfold.runtime.tasks import get_task, image_mlp
 from tensorfold.targets.registry import host_cpu
 
 BATCH = 4096  # pixel coordinates per inference call
+ENGINES = {"torch": "torch", "onnxruntime": "ort", "tvm": "tvm", "openvino-fp32": "ov f32", "openvino": "ov"}
 
 
 def pipelines(admm: str, admm_weights: str, reference_epochs: int) -> list[tuple[str, str | None, str | None]]:
@@ -123,7 +125,7 @@ def main() -> None:
                               progress=sys.stderr.isatty(), strict=False)
         by = {(r["candidate"], r["engine"]): r for r in measured.rows}
         for row in rows:
-            for engine in ("torch", "onnxruntime", "tvm"):
+            for engine in ENGINES:
                 mine, base = by.get((row["row"], engine), {}), by.get(("fp32 original", engine), {})
                 if mine.get("latency") and base.get("latency"):
                     ms = mine["latency"]["median_ms"]
@@ -133,14 +135,14 @@ def main() -> None:
                     row[f"{engine}_psnr"] = round(mine["evaluator"]["psnr"], 2)
 
     _save_image(images, rows, args.image)
-    head = ["row", "PSNR dB", "size", "smaller", "torch x", "ort x", "tvm x", "TVM PSNR"]
+    engines = [e for e in ENGINES if any(f"{e}_x" in row for row in rows)]
+    head = ["row", "PSNR dB", "size", "smaller", *(f"{ENGINES[e]} x" for e in engines), "TVM PSNR"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
+        ratios = " | ".join(f"{row[f'{e}_x']:.2f} ({row[f'{e}_ms']:.2f} ms)" if f"{e}_x" in row else "-" for e in engines)
         print(f"| {row['row']} | {row['psnr']:.2f} | {row['bytes'] / 1e6:.3f} MB {row['file']} | "
-              f"{row['smaller_x']:.2f}x | {row.get('torch_x', float('nan')):.2f} | "
-              f"{row.get('onnxruntime_x', float('nan')):.2f} | {row.get('tvm_x', float('nan')):.2f} | "
-              f"{row.get('tvm_psnr', float('nan')):.2f} |")
+              f"{row['smaller_x']:.2f}x | {ratios} | {row.get('tvm_psnr', float('nan')):.2f} |")
     print(f"\nCPU: {host_cpu()}; batch {BATCH} coordinates; TVM: {args.tune_trials} MetaSchedule trials per candidate "
           f"({'untuned' if not args.tune_trials else 'tuned'}); ADMM: {args.admm}")
     print(f"wrote {args.image}")

@@ -12,11 +12,17 @@ conv2d runs in the blocked layouts the instruction wants:
 AArch64's sdot is the same with 4 lanes (OIHW4o4i, NCHW4c out) and s8 x s8 products, so
 the u8 activations are shifted to s8 (x - 128, zero point likewise) on the way in.
 
+x86 without VNNI (AVX2 only, e.g. Zen 3) has no exact 8-bit dot product: `vpmaddubsw`
+sums two u8 x s8 products into a saturating 16-bit lane. `vpmaddwd` multiplies pairs of
+16-bit values into 8 int32 lanes exactly, at twice the multiply-adds of an fp32 FMA, so
+there both operands are widened to s16 (weights once at build time, activations by the
+layout change that blocks them): NCHW2c s16 x OIHW8o2i s16 -> NCHW8c s32.
+
 Channels that do not fill a block are padded with zero weights (so their activations do
 not count) and sliced off after. Relax's conv2d accepts these layouts but its TOPI
 legalization does not, so `legalize_conv2d` writes the compute in TE; MetaSchedule then
-tiles it and tensorizes the (lanes x 4) inner loops: `intrinsics.VNNI_INTRIN` on x86,
-TVM's `dot_4x4_i8i8s32_sdot` on AArch64.
+tiles it and tensorizes the (lanes x reduce) inner loops: `intrinsics.VNNI_INTRIN` or
+`intrinsics.AVX2_INTRIN` on x86, TVM's `dot_4x4_i8i8s32_sdot` on AArch64.
 """
 from __future__ import annotations
 
@@ -31,7 +37,15 @@ class DotLayout:
     reduce: int     # input channels each lane sums
     instruction: str
     llvm_intrinsic: str  # what a tensorized kernel calls (intrinsics.py)
+    tensor_intrin: str   # the TensorIntrin tuning tensorizes the inner loops with
     data_dtype: str = "uint8"  # sdot multiplies s8 x s8: u8 activations are shifted by -128 first
+    kernel_dtype: str = "int8"
+
+    @property
+    def operands(self) -> str:
+        """The multiplication as the report names it, e.g. "u8 x s8" or "u8 x s8 as s16"."""
+        data = {"uint8": "u8", "int8": "s8", "int16": "u8"}[self.data_dtype]
+        return f"{data} x s8" + (" as s16" if self.kernel_dtype == "int16" else "")
 
     @property
     def data(self) -> str:
@@ -48,10 +62,15 @@ class DotLayout:
 
 BLOCKED_KERNEL = "conv2d_NCHWc_int8"  # the TIR function's name (kept in fused task names)
 
-VNNI = DotLayout(lanes=16, reduce=4, instruction="vpdpbusd", llvm_intrinsic="llvm.x86.avx512.vpdpbusd.512")
+VNNI = DotLayout(lanes=16, reduce=4, instruction="vpdpbusd", llvm_intrinsic="llvm.x86.avx512.vpdpbusd.512",
+                 tensor_intrin="tensorfold_dot_16x4_vnni")
+# x86 without VNNI: 8 lanes of 2 s16 x s16 products (both widened from 8 bits: exact)
+AVX2 = DotLayout(lanes=8, reduce=2, instruction="vpmaddwd", llvm_intrinsic="llvm.x86.avx2.pmadd.wd",
+                 tensor_intrin="tensorfold_dot_8x2_avx2", data_dtype="int16", kernel_dtype="int16")
 # AArch64 dot product (FEAT_DotProd): 4 lanes of 4 s8 x s8 products, TVM's `dot_4x4_i8i8s32_sdot`
-SDOT = DotLayout(lanes=4, reduce=4, instruction="sdot", llvm_intrinsic="llvm.aarch64.neon.sdot", data_dtype="int8")
-LAYOUTS = (VNNI, SDOT)
+SDOT = DotLayout(lanes=4, reduce=4, instruction="sdot", llvm_intrinsic="llvm.aarch64.neon.sdot",
+                 tensor_intrin="dot_4x4_i8i8s32_sdot", data_dtype="int8")
+LAYOUTS = (VNNI, AVX2, SDOT)
 
 
 def dot_layout_for(tvm_target: dict) -> DotLayout | None:
@@ -67,6 +86,11 @@ def dot_layout_for(tvm_target: dict) -> DotLayout | None:
 
         register_vnni()
         return VNNI
+    if triple.startswith("x86_64") and codegen.target_has_features("avx2", tvm.target.Target(tvm_target)):
+        from ..tuning.intrinsics import register_avx2
+
+        register_avx2()
+        return AVX2
     if triple.startswith("aarch64") and codegen.target_has_features("dotprod", tvm.target.Target(tvm_target)):
         return SDOT
     return None
@@ -108,10 +132,12 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
     if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
         data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
         zero -= 128
+    elif layout.data_dtype == "int16":  # widened as it is blocked (fused into the layout change)
+        data = relax.op.astype(data, "int16")
     top, left, bottom, right = (int(v) for v in attrs.padding)
     if top or left or bottom or right:  # the quantized zero, so the borders stay exact
         data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right, 0, 0], pad_value=float(zero))
-    kernel = blocked_kernel(weight, layout)
+    kernel = blocked_kernel(weight.astype(layout.kernel_dtype), layout)
     acc = relax.op.nn.conv2d(data, relax.const(kernel), strides=attrs.strides, padding=[0, 0, 0, 0],
                              dilation=attrs.dilation, data_layout=layout.data, kernel_layout=layout.kernel,
                              out_layout=layout.out, out_dtype="int32")

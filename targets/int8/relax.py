@@ -30,6 +30,7 @@ from .layout import blocked_conv2d, per_channel, unblock
 from .requant import quantize_multiplier, requantize_relax
 
 INTEGER_INPUTS = ("uint8", "int8")
+PRODUCT_INPUTS = INTEGER_INPUTS + ("int16",)  # 8-bit values widened for vpmaddwd (layout.AVX2)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
         if layout is not None and int(attrs.groups) == 1:
             acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
             correction = data_zero * weight_sums
-            kind = "s8 x s8" if layout.data_dtype == "int8" else "u8 x s8"
+            kind = layout.operands
             lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
                                      f"({layout.instruction})")
             dequantized = _dequantized(acc, per_channel(correction, padded, layout),
@@ -146,7 +147,7 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
         if layout is not None and int(attrs.groups) == 1:
             acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
             offset = bias_acc - data_zero * weight_sums
-            kind = "s8 x s8" if layout.data_dtype == "int8" else "u8 x s8"
+            kind = layout.operands
             lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
                                      f"({layout.instruction}), fixed-point requantization")
             acc = relax.op.add(acc, relax.const(per_channel(offset.astype(np.int32), padded, layout)))
@@ -228,7 +229,8 @@ def _shape(call) -> str:
 
 
 def int8_kernels(mod) -> list[str]:
-    """The TIR functions whose reduction multiplies 8-bit integer buffers into a 32-bit sum.
+    """The TIR functions whose reduction multiplies 8-bit integer buffers (or their 16-bit widening,
+    layout.AVX2) into a 32-bit sum.
 
     Read from the printed TIR (0.27 exposes no Python statement visitor): a buffer's dtype
     from its declaration, and the reduction `acc = acc + Cast(int32, a) * Cast(int32, b)`.
@@ -242,7 +244,7 @@ def int8_kernels(mod) -> list[str]:
         text = func.script()
         dtypes = {name: dtype for name, dtype in _DECLARED.findall(text)}
         for acc, a, b in _INT_MAC.findall(text):
-            if dtypes.get(acc) == "int32" and dtypes.get(a) in INTEGER_INPUTS and dtypes.get(b) in INTEGER_INPUTS:
+            if dtypes.get(acc) == "int32" and dtypes.get(a) in PRODUCT_INPUTS and dtypes.get(b) in PRODUCT_INPUTS:
                 kernels.append(f"{gvar.name_hint}: {dtypes[a]} x {dtypes[b]} -> int32")
                 break
     return kernels

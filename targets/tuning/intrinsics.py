@@ -84,3 +84,46 @@ def register_vnni() -> None:
                 dtype="int32x16")
 
     TensorIntrin.register(VNNI_INTRIN, desc, impl)
+
+
+AVX2_INTRIN = "tensorfold_dot_8x2_avx2"
+
+
+def register_avx2() -> None:
+    """Register `AVX2_INTRIN`: C[8] s32 += A[2] s16 . B[8, 2] s16, one `vpmaddwd` and one add.
+
+    For x86 without VNNI (layout.AVX2): `vpmaddwd` sums each pair of 16-bit products into an
+    int32 lane exactly, where `vpmaddubsw` (TVM's `dot_16x4_avx512` form) saturates at 16 bits.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is not None:
+        return
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")  # the 2 values, broadcast to all lanes
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16"),
+                B.vload([0, 0], dtype="int16x16"),
+                dtype="int32x8")
+
+    TensorIntrin.register(AVX2_INTRIN, desc, impl)

@@ -5,15 +5,16 @@ on a VNNI CPU MetaSchedule's default adds a rule that tensorizes every u8 x s8 r
 with TVM's `dot_16x4_vnni`, whose LLVM call no longer verifies (intrinsics.register_vnni),
 and which cannot map an NCHW conv or a transposed matmul anyway (the 16 x 4 weight block
 is not contiguous there), so every candidate failed and the task stayed untuned. Hence:
-- blocked int8 conv2d (targets/int8/layout.py): on x86 the same rules with tensorfold's VNNI
-  intrinsic; on AArch64 with dotprod the target's default, whose rules tensorize with sdot;
+- blocked int8 conv2d (targets/int8/layout.py): on x86 the same rules with tensorfold's intrinsic
+  for the layout (VNNI's `vpdpbusd`, or AVX2's `vpmaddwd` on s16); on AArch64 with dotprod the
+  target's default, whose rules tensorize with sdot;
 - other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..int8.layout import BLOCKED_KERNEL
+from ..int8.layout import BLOCKED_KERNEL, dot_layout_for
 from ..registry import Target
 
 DEFAULT = "post-order-apply"
@@ -27,7 +28,9 @@ def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
         return [(list(tasks), DEFAULT)]
     x86 = str(target.tvm_target.get("mtriple", "")).startswith("x86_64")
     kinds = [_kind(t, int8_kernels) for t in tasks]
-    makers = {"float": lambda: DEFAULT, "generic": _generic_llvm, "blocked": _vnni if x86 else lambda: DEFAULT}
+    layout = dot_layout_for(target.tvm_target) if x86 else None  # registers its intrinsic
+    makers = {"float": lambda: DEFAULT, "generic": _generic_llvm,
+              "blocked": (lambda: _tensorizing(layout.tensor_intrin)) if layout else lambda: DEFAULT}
     return [([t for t, k in zip(tasks, kinds) if k == kind], makers[kind]())
             for kind in ("float", "generic", "blocked") if kind in kinds]
 
@@ -44,13 +47,10 @@ def _generic_llvm():
     return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
 
 
-def _vnni():
-    """TVM's DefaultX86("vnni") rules and CPU tensorization postprocs, with our intrinsic."""
+def _tensorizing(intrin: str):
+    """TVM's DefaultX86("vnni") rules and CPU tensorization postprocs, with our intrinsic `intrin`."""
     import tvm.s_tir.meta_schedule as ms
 
-    from .intrinsics import VNNI_INTRIN, register_vnni
-
-    register_vnni()
     rule, post = ms.schedule_rule, ms.postproc
     write = rule.ReuseType(req="may", levels=[1, 2], scope="global")
     rules = [
@@ -60,7 +60,7 @@ def _vnni():
                         disallow_if_then_else=True, require_injective=True, require_ordered=True,
                         disallow_op=["tirx.exp"]),
         rule.AddRFactor(max_jobs_per_core=16, max_innermost_factor=64),
-        rule.MultiLevelTilingWithIntrin(VNNI_INTRIN, structure="SSRSRS", max_innermost_factor=64, reuse_write=write),
+        rule.MultiLevelTilingWithIntrin(intrin, structure="SSRSRS", max_innermost_factor=64, reuse_write=write),
         rule.MultiLevelTiling(structure="SSRSRS", max_innermost_factor=64, reuse_write=write),
         rule.ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=64,
                                         unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True),

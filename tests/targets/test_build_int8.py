@@ -35,7 +35,10 @@ def test_digits_int8_build_runs_int8_kernels_within_half_a_point(digits_graphs, 
     lowering = built_int8.manifest["int8"]
     assert len(lowering["int8_ops"]) == 5 and lowering["float_ops"] == []  # 3 convs, 2 matmuls
     assert len(lowering["int8_kernels"]) == 5
-    assert all("uint8 x int8 -> int32" in k for k in lowering["int8_kernels"])
+    kinds = {k.split(": ")[1] for k in lowering["int8_kernels"]}
+    layout = _host_dot_layout()
+    widened = layout is not None and layout.data_dtype == "int16"  # AVX2: the blocked convs multiply s16 widenings
+    assert kinds == ({"uint8 x int8 -> int32", "int16 x int16 -> int32"} if widened else {"uint8 x int8 -> int32"})
     assert built_fp32.manifest["int8"] is None
     # and in the machine code: x86 int8 multiply-adds (VNNI vpdpbusd/vpdpwssd, or vpmaddwd/vpmaddubsw)
     machine = lowering["machine_instructions"]
@@ -68,10 +71,10 @@ def _host_dot_layout():
     return dot_layout_for(get_target("x86").tvm_target)
 
 
-needs_vnni = pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has no AVX-512 VNNI")
+needs_dot_layout = pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 
 
-@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=needs_vnni)], ids=["nchw", "vnni-blocked"])
+@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=needs_dot_layout)], ids=["nchw", "blocked"])
 def test_lowering_matches_the_float_qdq_math(tmp_path, blocked):
     from tvm import relax
     import tvm
@@ -88,7 +91,8 @@ def test_lowering_matches_the_float_qdq_math(tmp_path, blocked):
     lowered, lowering = lower_qdq(mod, _host_dot_layout() if blocked else None)
     assert len(lowering.int8_ops) == 3 and not lowering.float_ops
     # conv1 (3 -> 8 channels: both padded to whole blocks) is blocked; grouped conv2 is not
-    assert sum("NCHW4c" in op for op in lowering.int8_ops) == (1 if blocked else 0), lowering.int8_ops
+    blocked_data = _host_dot_layout().data if blocked else "NCHW?c"  # NCHW4c (VNNI), NCHW2c (AVX2)
+    assert sum(blocked_data in op for op in lowering.int8_ops) == (1 if blocked else 0), lowering.int8_ops
     lowered = legalize()(lowered)
 
     x = rng.uniform(-1, 2, (1, 3, 10, 11)).astype(np.float32)
@@ -126,7 +130,7 @@ def test_arm64_int8_build_multiplies_integers_in_neon(digits_graphs, tmp_path):
     (1, (1, 1, 1, 1), 1, (32, 16)),     # whole blocks
     (2, (1, 2, 0, 1), 2, (3, 5)),       # both channel counts padded, asymmetric padding
 ])
-@needs_vnni
+@needs_dot_layout
 def test_blocked_conv2d_sums_exactly_what_the_nchw_conv_sums(stride, padding, dilation, channels):
     import types
 
@@ -211,12 +215,14 @@ def test_tuned_int8_build_leaves_no_task_untuned(digits_graphs, tmp_path):
     assert tuning["untuned"] == [] and tuning["replay_failed"] == [], tuning["untuned"]
     lowering = built.manifest["int8"]
     assert len(lowering["int8_kernels"]) == 5
-    if _host_dot_layout() is not None:
-        # the 3 convolutions run tensorized on vpdpbusd, in the schedules tuning found
-        assert lowering["dot_product"] == "vpdpbusd"
+    layout = _host_dot_layout()
+    if layout is not None:
+        # the 3 convolutions run tensorized on the dot product (vpdpbusd with VNNI, vpmaddwd on AVX2), in the
+        # schedules tuning found
+        assert lowering["dot_product"] == layout.instruction
         assert len(lowering["tensorized_kernels"]) == 3, lowering["tensorized_kernels"]
         assert all("conv2d_NCHWc_int8" in name for name in lowering["tensorized_kernels"])
-        assert lowering["machine_instructions"]["instructions"].get("vpdpbusd", 0) > 0
+        assert lowering["machine_instructions"]["instructions"].get(layout.instruction, 0) > 0
 
 
 def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
@@ -241,7 +247,7 @@ def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
     integer = names[1:]
     if layout is None:  # 3 convs and 2 matmuls with the generic LLVM rules
         assert [len(n) for n in integer] == [5]
-    else:  # the 2 matmuls generic, the 3 blocked convs with the VNNI tensorizing rules
+    else:  # the 2 matmuls generic, the 3 blocked convs with the tensorizing rules of the layout's instruction
         assert [len(n) for n in integer] == [2, 3]
         assert all("matmul" in name for name in integer[0])
         assert all("conv2d_NCHWc_int8" in name for name in integer[1])

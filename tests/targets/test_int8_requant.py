@@ -146,20 +146,22 @@ def test_fixed_point_lowering_requantizes_every_conv_in_integers(residual_graph)
     assert np.max(np.abs(fixed - reference)) <= 1.01 * step
 
 
-@pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 def test_blocked_fixed_point_lowering_is_bit_exact_with_nchw(residual_graph):
     rng = np.random.default_rng(4)
     x = rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)[:1]
     nchw, _ = _run_lowered(residual_graph, None, True, x)
     blocked, lowering = _run_lowered(residual_graph, _host_dot_layout(), True, x)
-    assert sum("NCHW4c" in op and "fixed-point" in op for op in lowering.int8_ops) == 4, lowering.int8_ops
+    data = _host_dot_layout().data
+    assert sum(data in op and "fixed-point" in op for op in lowering.int8_ops) == 4, lowering.int8_ops
     # one change into the blocked layout (the stem's input), one out (the graph output), and a u8
-    # re-blocking NCHW16c -> NCHW4c in front of each of the 3 convs that read another conv's output
+    # re-blocking NCHW16c -> NCHW4c (AVX2: NCHW8c -> NCHW2c) in front of each of the 3 convs that read
+    # another conv's output
     assert lowering.layout_changes == {"to_blocked": 1, "from_blocked": 1, "reblock": 3}, lowering.layout_changes
     assert np.array_equal(nchw, blocked)
 
 
-@pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.skipif(_host_dot_layout() is None, reason="this CPU has neither AVX-512 VNNI nor AVX2")
 def test_blocked_network_build_has_one_layout_change_in_and_one_out(residual_graph, tmp_path):
     from tensorfold.targets import load_artifact
 
