@@ -27,7 +27,7 @@ from .registry import Target, get_target
 from .tuning.tune import TuningSummary, default_database_dir, tune
 
 
-INT8_NETWORKS = ("per-conv", "blocked")
+INT8_NETWORKS = ("per-conv", "blocked", "nchw")
 
 
 def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
@@ -42,7 +42,9 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     layout and requantizes in float; "blocked" requantizes in fixed point inside each conv and keeps
     activations in the blocked layout between convs (one layout change in, one out). Measured on
     ResNet-18 at 150 trials (README, int8), "blocked" is still slower: its re-blocking kernels tune
-    poorly and its fused epilogues make every conv a task of its own.
+    poorly and its fused epilogues make every conv a task of its own. "nchw" uses no blocked layout
+    (what a CPU without a dot product gets: LLVM's vectoriser widens the bytes), to measure what the
+    layout buys (benchmarks/int8_layouts.py).
     """
     if int8_network not in INT8_NETWORKS:
         raise BuildError(f"int8_network={int8_network!r}; expected one of {', '.join(INT8_NETWORKS)}")
@@ -59,7 +61,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     outputs = _output_infos(mod, list(graph.output_names))
     int8, dot_layout = None, None
     if has_qdq(mod):  # a quantized (QDQ) graph: run its convs and matmuls on the integers
-        dot_layout = dot_layout_for(target.tvm_target)
+        dot_layout = dot_layout_for(target.tvm_target) if int8_network != "nchw" else None
         mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked")
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)

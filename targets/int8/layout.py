@@ -144,6 +144,31 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
     return acc, kernel.shape[0] * layout.lanes, zero
 
 
+def blocked_matmul(data, rows: int, matrix: np.ndarray, zero: int, layout: DotLayout):
+    """int32 (rows, padded) product of u8 `data` (rows, K; zero point `zero`) with s8 `matrix` (K, N), as the
+    blocked conv2d of a batch of `rows` 1x1 images: (rows, K) is already (rows, K/r, 1, 1, r) in memory and
+    the (rows, N/lanes, 1, 1, lanes) result is (rows, N) (padded to whole blocks), so no data moves.
+    Returns (the int32 result in (rows, N/lanes, 1, 1, lanes), the padded column count, the zero point of the
+    data as multiplied); None when K does not fill whole blocks of `layout.reduce` (the caller keeps the plain
+    matmul). Per-column terms go on in that shape (`per_channel`), so they fuse into the kernel's epilogue."""
+    from tvm import relax
+
+    depth, columns = matrix.shape
+    r = layout.reduce
+    if depth % r:
+        return None
+    data = relax.op.reshape(data, (rows, depth // r, 1, 1, r))
+    if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
+        data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
+        zero -= 128
+    elif layout.data_dtype == "int16":
+        data = relax.op.astype(data, "int16")
+    kernel = blocked_kernel(matrix.T.astype(layout.kernel_dtype)[:, :, None, None], layout)
+    acc = relax.op.nn.conv2d(data, relax.const(kernel), data_layout=layout.data, kernel_layout=layout.kernel,
+                             out_layout=layout.out, out_dtype="int32")
+    return acc, kernel.shape[0] * layout.lanes, zero
+
+
 def per_channel(values: np.ndarray, padded: int, layout: DotLayout) -> np.ndarray:
     """A per-output-channel vector as a (1, O/lanes, 1, 1, lanes) array, zero-padded."""
     out = np.zeros(padded, values.dtype)

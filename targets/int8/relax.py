@@ -9,9 +9,11 @@ language (`relax.dpl.rewrite_call`):
     conv2d(dequantize(x_q, s_x, z_x), dequantize(w_q, s_w, 0))
       -> (conv2d(pad(x_q, value=z_x), w_q, out_dtype=int32) - z_x * sum(w_q)) * (s_x * s_w)
 
-On a CPU with a dot-product instruction (x86 VNNI, AArch64 sdot) an ungrouped conv2d runs
-in that instruction's blocked layout instead (layout.py), and with fixed-point
-requantization the activations between blocked convs stay blocked (blocked.py).
+On a CPU with a dot-product instruction (x86 VNNI, AVX2's vpmaddwd on s16, AArch64 sdot) an
+ungrouped conv2d runs in that instruction's blocked layout instead (layout.py), and a matmul
+whose depth fills whole blocks runs as the blocked 1x1 conv2d of a batch of rows (no data
+moves: (rows, K) is (rows, K/r, 1, 1, r) already); with fixed-point requantization the
+activations between blocked convs stay blocked (blocked.py).
 
 Padding with z_x (the quantized zero) keeps the borders exact, and the z_x * sum(w_q)
 term removes the activation's zero point after an u8 x s8 -> s32 accumulation (the
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layout import blocked_conv2d, per_channel, unblock
+from .layout import blocked_conv2d, blocked_matmul, per_channel, unblock
 from .requant import quantize_multiplier, requantize_relax
 
 INTEGER_INPUTS = ("uint8", "int8")
@@ -175,12 +177,26 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
             return call
         matrix = weight.T.copy() if p["w_t"] is not None else weight   # (in, out)
         zero = int(p["z_x"].reshape(()))
-        acc = relax.op.matmul(p["x_q"], relax.const(matrix), out_dtype="int32")
         columns = matrix.shape[1]
-        correction = zero * matrix.astype(np.int64).sum(axis=0)
         scale = p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (columns,))
-        lowering.int8_ops.append(f"matmul {tuple(matrix.shape)} u8 x s8 -> s32")
-        return _dequantized(acc, correction, scale)
+        sums = matrix.astype(np.int64).sum(axis=0)
+        in_shape = _static_shape(p["x_q"])
+        blocked = None
+        if layout is not None and in_shape is not None:
+            rows = int(np.prod(in_shape[:-1]))
+            blocked = blocked_matmul(p["x_q"], rows, matrix, zero, layout)
+        if blocked is None:
+            acc = relax.op.matmul(p["x_q"], relax.const(matrix), out_dtype="int32")
+            lowering.int8_ops.append(f"matmul {tuple(matrix.shape)} u8 x s8 -> s32")
+            return _dequantized(acc, zero * sums, scale)
+        acc, padded, data_zero = blocked
+        out = _dequantized(acc, per_channel(data_zero * sums, padded, layout), per_channel(scale, padded, layout))
+        out = relax.op.reshape(out, (rows, padded))
+        if padded != columns:
+            out = relax.op.strided_slice(out, axes=[1], begin=[0], end=[columns])
+        lowering.int8_ops.append(f"matmul {tuple(matrix.shape)} {layout.operands} -> s32 as a blocked 1x1 conv2d "
+                                 f"({layout.instruction})")
+        return relax.op.reshape(out, (*in_shape[:-1], columns))
 
     def _dequantized(acc, correction, scale):
         if np.any(correction):
@@ -216,6 +232,15 @@ def _nchw_conv2d(data, weight: np.ndarray, zero: int, attrs):
         data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
     return relax.op.nn.conv2d(data, relax.const(weight), strides=attrs.strides, padding=[0, 0, 0, 0],
                               dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
+
+
+def _static_shape(expr) -> list[int] | None:
+    """The expression's shape as ints, or None where a dimension is symbolic or unknown."""
+    info = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    try:
+        return [int(d) for d in info.shape.values]
+    except (AttributeError, TypeError):
+        return None
 
 
 def _out_shape(call) -> list[int]:

@@ -57,17 +57,7 @@ def register_vnni() -> None:
     byte_vectors = codegen.llvm_version_major() >= 21
     a_type, b_type = ("uint8x64", "int8x64") if byte_vectors else ("int32x16", "int32x16")
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = _dot_desc(16, 4, "uint8", "int8")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -101,17 +91,7 @@ def register_avx2() -> None:
     if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is not None:
         return
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = _dot_desc(8, 2, "int16", "int16")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
@@ -127,3 +107,22 @@ def register_avx2() -> None:
                 dtype="int32x8")
 
     TensorIntrin.register(AVX2_INTRIN, desc, impl)
+
+
+def _dot_desc(lanes: int, reduce: int, a_dtype: str, b_dtype: str):
+    """What a dot-product intrinsic computes: C[lanes] s32 += A[reduce] . B[lanes, reduce]."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((reduce,), a_dtype, offset_factor=1), B: T.Buffer((lanes, reduce), b_dtype, offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:reduce], B[0:lanes, 0:reduce])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, reduce):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc

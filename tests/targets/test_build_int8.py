@@ -37,8 +37,10 @@ def test_digits_int8_build_runs_int8_kernels_within_half_a_point(digits_graphs, 
     assert len(lowering["int8_kernels"]) == 5
     kinds = {k.split(": ")[1] for k in lowering["int8_kernels"]}
     layout = _host_dot_layout()
-    widened = layout is not None and layout.data_dtype == "int16"  # AVX2: the blocked convs multiply s16 widenings
-    assert kinds == ({"uint8 x int8 -> int32", "int16 x int16 -> int32"} if widened else {"uint8 x int8 -> int32"})
+    widened = layout is not None and layout.data_dtype == "int16"  # AVX2: the blocked ops multiply s16 widenings
+    assert kinds == ({"int16 x int16 -> int32"} if widened else {"uint8 x int8 -> int32"})
+    # with a dot-product layout the two matmuls (1024 -> 128, 128 -> 10) run as blocked 1x1 convs too
+    assert sum("as a blocked 1x1 conv2d" in op for op in lowering["int8_ops"]) == (2 if layout else 0)
     assert built_fp32.manifest["int8"] is None
     # and in the machine code: x86 int8 multiply-adds (VNNI vpdpbusd/vpdpwssd, or vpmaddwd/vpmaddubsw)
     machine = lowering["machine_instructions"]
@@ -174,6 +176,20 @@ def test_arm64_lays_convs_out_for_sdot_only_where_the_cpu_has_it(digits_graphs, 
     assert len(dotprod["int8_kernels"]) == 5
 
 
+@needs_dot_layout
+def test_nchw_lowering_leaves_the_dot_product_layout_out_and_computes_the_same(digits_graphs, tmp_path):
+    _, int8 = digits_graphs
+    nchw = tf.build(int8, "x86", tmp_path / "nchw", progress=False, int8_network="nchw")
+    blocked = tf.build(int8, "x86", tmp_path / "per-conv", progress=False)
+    assert nchw.manifest["int8"]["dot_product"] is None
+    assert not any(" in NCHW" in op for op in nchw.manifest["int8"]["int8_ops"]), nchw.manifest["int8"]["int8_ops"]
+    assert sum(" in NCHW" in op for op in blocked.manifest["int8"]["int8_ops"]) == 3
+    images = digits.test_data()[0][:4]
+    outputs = [np.concatenate([next(iter(load_artifact(b.path)(images[i:i + 1]).values())) for i in range(4)])
+               for b in (nchw, blocked)]
+    assert np.max(np.abs(outputs[0] - outputs[1])) <= 1.01 * _output_scale(int8.model)
+
+
 def _qemu_missing():
     from tensorfold.targets import qemu
 
@@ -217,12 +233,18 @@ def test_tuned_int8_build_leaves_no_task_untuned(digits_graphs, tmp_path):
     assert len(lowering["int8_kernels"]) == 5
     layout = _host_dot_layout()
     if layout is not None:
-        # the 3 convolutions run tensorized on the dot product (vpdpbusd with VNNI, vpmaddwd on AVX2), in the
-        # schedules tuning found
+        # the 3 convolutions and 2 matmuls run tensorized on the dot product (vpdpbusd with VNNI, vpmaddwd on
+        # AVX2), in the schedules tuning found
         assert lowering["dot_product"] == layout.instruction
-        assert len(lowering["tensorized_kernels"]) == 3, lowering["tensorized_kernels"]
+        assert len(lowering["tensorized_kernels"]) == 5, lowering["tensorized_kernels"]  # 3 convs, 2 matmuls
         assert all("conv2d_NCHWc_int8" in name for name in lowering["tensorized_kernels"])
         assert lowering["machine_instructions"]["instructions"].get(layout.instruction, 0) > 0
+    # the tensorized kernels compute what onnxruntime computes on the QDQ graph (a step apart at rounding ties)
+    images = digits.test_data()[0][:8]
+    run = load_artifact(built.path)
+    got = np.concatenate([next(iter(run(images[i:i + 1]).values())) for i in range(len(images))])
+    reference = int8.run({int8.inputs[0].name: images})[int8.output_names[0]]
+    assert np.max(np.abs(got - reference)) <= 1.01 * _output_scale(int8.model)
 
 
 def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
@@ -247,7 +269,6 @@ def test_int8_tasks_get_the_search_space_their_layout_needs(digits_graphs):
     integer = names[1:]
     if layout is None:  # 3 convs and 2 matmuls with the generic LLVM rules
         assert [len(n) for n in integer] == [5]
-    else:  # the 2 matmuls generic, the 3 blocked convs with the tensorizing rules of the layout's instruction
-        assert [len(n) for n in integer] == [2, 3]
-        assert all("matmul" in name for name in integer[0])
-        assert all("conv2d_NCHWc_int8" in name for name in integer[1])
+    else:  # the 3 convs and the 2 matmuls (as 1x1 convs) blocked, with the tensorizing rules of the layout
+        assert [len(n) for n in integer] == [5]
+        assert all("conv2d_NCHWc_int8" in name for name in integer[0])
