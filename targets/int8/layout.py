@@ -129,11 +129,7 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
     # The padded input channels meet zero weights; any value works, the zero point keeps it tidy.
     data = relax.op.layout_transform(data, lambda n, c, h, w: (n, c // r, h, w, c % r),
                                      pad_value=zero if channels % r else None)
-    if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
-        data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
-        zero -= 128
-    elif layout.data_dtype == "int16":  # widened as it is blocked (fused into the layout change)
-        data = relax.op.astype(data, "int16")
+    data, zero = _as_multiplied(data, zero, layout)
     top, left, bottom, right = (int(v) for v in attrs.padding)
     if top or left or bottom or right:  # the quantized zero, so the borders stay exact
         data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right, 0, 0], pad_value=float(zero))
@@ -145,7 +141,7 @@ def blocked_conv2d(data, weight: np.ndarray, zero: int, attrs, layout: DotLayout
 
 
 def blocked_matmul(data, rows: int, matrix: np.ndarray, zero: int, layout: DotLayout):
-    """int32 (rows, padded) product of u8 `data` (rows, K; zero point `zero`) with s8 `matrix` (K, N), as the
+    """The int32 product of u8 `data` (rows, K; zero point `zero`) with s8 `matrix` (K, N), as the
     blocked conv2d of a batch of `rows` 1x1 images: (rows, K) is already (rows, K/r, 1, 1, r) in memory and
     the (rows, N/lanes, 1, 1, lanes) result is (rows, N) (padded to whole blocks), so no data moves.
     Returns (the int32 result in (rows, N/lanes, 1, 1, lanes), the padded column count, the zero point of the
@@ -157,16 +153,24 @@ def blocked_matmul(data, rows: int, matrix: np.ndarray, zero: int, layout: DotLa
     r = layout.reduce
     if depth % r:
         return None
-    data = relax.op.reshape(data, (rows, depth // r, 1, 1, r))
-    if layout.data_dtype == "int8":  # u8 -> s8: x - 128, and the zero point with it
-        data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
-        zero -= 128
-    elif layout.data_dtype == "int16":
-        data = relax.op.astype(data, "int16")
+    data, zero = _as_multiplied(relax.op.reshape(data, (rows, depth // r, 1, 1, r)), zero, layout)
     kernel = blocked_kernel(matrix.T.astype(layout.kernel_dtype)[:, :, None, None], layout)
     acc = relax.op.nn.conv2d(data, relax.const(kernel), data_layout=layout.data, kernel_layout=layout.kernel,
                              out_layout=layout.out, out_dtype="int32")
     return acc, kernel.shape[0] * layout.lanes, zero
+
+
+def _as_multiplied(data, zero: int, layout: DotLayout):
+    """Blocked u8 data (and its zero point) in the dtype the instruction multiplies: s8 for sdot (x - 128),
+    s16 for vpmaddwd (widened; fused into the layout change), u8 for vpdpbusd."""
+    from tvm import relax
+
+    if layout.data_dtype == "int8":
+        data = relax.op.astype(relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16")), "int8")
+        return data, zero - 128
+    if layout.data_dtype == "int16":
+        return relax.op.astype(data, "int16"), zero
+    return data, zero
 
 
 def per_channel(values: np.ndarray, padded: int, layout: DotLayout) -> np.ndarray:
