@@ -70,7 +70,8 @@ def assemble(plan: dict, run, table: dict | None, selection: dict | None, recipe
                     "top1_before": top1_before, "top1_after": top1_after, "summary": summary,
                     "selection_reached_goal": None if selection is None else selection["met"]},
         "prediction": predicted, "latency_table": table, "selection": selection,
-        "pipeline": recipe.pipeline_text(), "int8": int8, "finetune_epochs": recipe.finetune_epochs,
+        "pipeline": recipe.pipeline_text(), "int8": int8, "int8_first": run.first,
+        "factor_goal_ms": None if selection is None else run.factor_goal_ms(table), "finetune_epochs": recipe.finetune_epochs,
         "compress": {k: compress_report.get(k) for k in ("params_before", "params_after", "flops_before",
                                                           "flops_after", "params_ratio", "flops_ratio")},
         "artifact": artifact, "measure": measured, "data": plan["data_name"],
@@ -103,6 +104,9 @@ def markdown(report: dict, out: str) -> str:
              + (" (**emulated under qemu: every time below is emulated, not a device time**)" if v["emulated"] else "")
              + ". "
              f"Pipeline: `{report['pipeline']}`" + ("; int8" if report["int8"].get("int8") else "") + ".", ""]
+    first = report.get("int8_first")
+    if first is not None:
+        lines += ["## int8 first", "", _int8_first_text(first, report), ""]
     table = report["latency_table"]
     if table is not None:
         sel = report["selection"]
@@ -190,3 +194,17 @@ def markdown(report: dict, out: str) -> str:
     if report["stages_reused"]:
         lines += ["", f"Stages reused from OUT/stages: {', '.join(report['stages_reused'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _int8_first_text(first: dict, report: dict) -> str:
+    """int8 on the original was decided before the factors: what it gave and what the factors were asked for."""
+    if not first.get("int8"):
+        return f"int8 on the original: not kept ({first.get('reason')}); the factors are asked for the whole goal."
+    text = (f"int8 on the original: {_ms(first['fp32_ms'])} ms -> {_ms(first['int8_ms'])} ms, {first['gain']:.2f}x"
+            + (" (emulated)" if first.get("emulated") else "") + f", {first.get('accuracy')}. The factors are asked "
+            f"for the rest: the fp32 factorized model's goal is {_ms(report['factor_goal_ms'])} ms.")
+    shortfall = first.get("shortfall")
+    if shortfall:
+        text += (f" On the factorized model int8 gave {shortfall['realized_gain']:.2f}x, not "
+                 f"{shortfall['expected_gain']:.2f}x, so the factors were selected again for that.")
+    return text

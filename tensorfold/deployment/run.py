@@ -164,6 +164,7 @@ class _Deploy:
         os.environ.setdefault("TVM_NUM_THREADS", str(plan["threads"]))
         self.work = tempfile.mkdtemp(prefix="tensorfold-deploy-")
         self._engine = None
+        self.first = None  # int8 on the original (int8_first), when a selection runs
 
     @property
     def engine(self) -> lat.LatencyEngine:
@@ -181,17 +182,32 @@ class _Deploy:
         table = selection = None
         if plan["recipe"] is None:
             table = self.latency_table(folded)
-            selection = self.selection(table)
-            recipe = self.recipe_of(table, selection)
+            self.first = self.int8_first(folded)
+            self.int8_gain = self.first["gain"]
+            for attempt in range(2):
+                selection = self.selection(table)
+                recipe = self.recipe_of(table, selection)
+                compressed, compress_report, key = self.compressed(original, recipe)
+                if not table["emulated"] and any(c != "original" for c in selection["choices"].values()):
+                    selection, recipe, compressed, compress_report, key = self.corrected(
+                        original, folded, table, selection, recipe, compressed, compress_report, key)
+                tuned, key = self.finetuned(compressed, folded, key, recipe)
+                final, int8, key = self.int8(tuned, key, recipe)
+                realized = int8["fp32_ms"] / int8["int8_ms"] if int8["int8"] and "int8_ms" in int8 else 1.0
+                if attempt or self.int8_gain <= 1.0 or realized >= INT8_GAIN_KEPT * self.int8_gain:
+                    break
+                # the factors were asked for less because int8 was to give the rest; it gave less on the
+                # factorized model (or was not kept there): ask them again for what int8 did give
+                self.say(f"int8 gave {realized:.2f}x on the factorized model, not the original's "
+                         f"{self.int8_gain:.2f}x: selecting again")
+                self.first["shortfall"] = {"expected_gain": self.int8_gain, "realized_gain": realized}
+                self.int8_gain = realized
         else:
             recipe = plan["recipe"]
             self.say(f"recipe {plan['recipe_path']}: no latency table, no selection")
-        compressed, compress_report, key = self.compressed(original, recipe)
-        if table is not None and not table["emulated"]:
-            selection, recipe, compressed, compress_report, key = self.corrected(
-                original, folded, table, selection, recipe, compressed, compress_report, key)
-        tuned, key = self.finetuned(compressed, folded, key, recipe)
-        final, int8, key = self.int8(tuned, key, recipe)
+            compressed, compress_report, key = self.compressed(original, recipe)
+            tuned, key = self.finetuned(compressed, folded, key, recipe)
+            final, int8, key = self.int8(tuned, key, recipe)
         recipe.int8 = bool(int8["int8"])
         recipe.notes = {"target": self.target.name, "engine": self.engine_name, "model": str(plan["model"])}
         final.save(os.path.join(plan["out"], "model.onnx"))
@@ -252,16 +268,49 @@ class _Deploy:
                  f"cache {cache.hits} hits, {cache.misses} measured")
         return table
 
+    # -- int8 on the original, decided before the factors
+    def int8_first(self, folded: Graph) -> dict:
+        """int8 on the original: its end-to-end gain and accuracy drop on this engine. When it is kept, the
+        factors are asked only for the speed-up int8 does not give (a goal `gain` times looser), so the
+        accuracy they cost is not spent on speed that int8 gives cheaper."""
+        import tensorfold as tf
+
+        plan = self.plan
+        key = fingerprint("int8-first/1", graph_fingerprint(folded), self.calibration_key, plan["max_drop"],
+                          self.engine_name, self.threads)
+        stored = self.stages.load("int8_first", key)
+        if stored is not None:
+            self.say("int8 on the original: reused from stages/")
+            return stored
+        if plan["feeds"] is None:
+            decision = {"int8": False, "reason": "no calibration data (--calibration)"}
+        elif self.target.device != "cpu":
+            decision = {"int8": False, "reason": f"int8 is not built for {self.target.name} here"}
+        else:
+            self.say("int8 on the original: quantizing on the calibration data")
+            quantized, _ = tf.compress(folded, "int8", calibration=plan["feeds"])
+            decision = self._int8_pays(folded, quantized)
+        decision["gain"] = decision["fp32_ms"] / decision["int8_ms"] if decision["int8"] else 1.0
+        self.stages.save("int8_first", key, decision)
+        if decision["int8"]:
+            self.say(f"int8 on the original: {decision['gain']:.2f}x; the factors are asked for the rest")
+        return decision
+
     # -- selection
     def goal_ms(self, table: dict) -> float:
+        """The deployed model's latency goal (int8 included)."""
         plan = self.plan
         return plan["latency_ms"] if plan["latency_ms"] is not None else table["original_ms"]["median_ms"] / plan["speedup"]
+
+    def factor_goal_ms(self, table: dict) -> float:
+        """The goal for the fp32 factorized model: int8, when kept, divides its latency by `int8_gain`."""
+        return self.goal_ms(table) * getattr(self, "int8_gain", 1.0)
 
     def selection(self, table: dict, correction: float = 1.0) -> dict:
         """The least-error choices whose predicted latency is within the goal, the goal divided by
         `correction` (> 1 when the compressed model measured slower than predicted: see `corrected`)."""
         original_ms = table["original_ms"]["median_ms"]
-        goal_ms = self.goal_ms(table) / correction
+        goal_ms = self.factor_goal_ms(table) / correction
         key = fingerprint("selection/2", self.table_key, goal_ms)
         stored = self.stages.load("selection", key)
         if stored is not None:
@@ -296,7 +345,7 @@ class _Deploy:
         least summed layer error among those that met the goal as measured, else the fastest measured.
         The layers timed alone do not add up exactly to the model (fused activations, caches, a call's
         overhead, a neighbour's load while the table was timed); this is where that error is paid for."""
-        goal_ratio = self.goal_ms(table) / table["original_ms"]["median_ms"]
+        goal_ratio = self.factor_goal_ms(table) / table["original_ms"]["median_ms"]
         attempts, correction = [], 1.0
         for attempt in range(MAX_CORRECTIONS + 1):
             check = self.check(folded, compressed, key, attempt)
@@ -383,7 +432,7 @@ class _Deploy:
         plan = self.plan
         fixed = plan["recipe"]
         key = fingerprint("int8/1", key, self.calibration_key, plan["max_drop"], self.engine_name,
-                          None if fixed is None else fixed.int8)
+                          None if fixed is None else fixed.int8, None if self.first is None else self.first["int8"])
         stored = self.stages.load("int8", key)
         if stored is not None:
             self.say("int8 decision: reused from stages/")
@@ -394,6 +443,8 @@ class _Deploy:
             decision = {"int8": fixed.int8, "reason": "fixed by the recipe"}
         elif self.target.device != "cpu":
             decision = {"int8": False, "reason": f"int8 is not built for {self.target.name} here"}
+        elif self.first is not None and not self.first["int8"]:
+            decision = {"int8": False, "reason": f"not kept on the original: {self.first['reason']}"}
         else:
             decision = None
         quantized = None
@@ -476,6 +527,7 @@ class _Deploy:
         return report.to_json()
 
 
+INT8_GAIN_KEPT = 0.95  # int8 on the factorized model giving less than this share of its gain on the original: select again
 MAX_CORRECTIONS = 2  # re-selections after timing the compressed model against the original
 RELAX = 0.9  # a model measured faster than this fraction of the goal gives speed back for accuracy
 

@@ -180,7 +180,7 @@ def _scripted_checks(monkeypatch, ratios) -> list:
     def remember(self, table, correction=1.0):
         result = original_selection(self, table, correction)
         self.last_prediction = result["predicted_ms"] / table["original_ms"]["median_ms"]
-        self.goal_ratio = self.goal_ms(table) / table["original_ms"]["median_ms"]
+        self.goal_ratio = self.factor_goal_ms(table) / table["original_ms"]["median_ms"]
         return result
 
     def scripted_check(self, folded, compressed, key, attempt):
@@ -236,3 +236,79 @@ def test_when_the_looser_model_misses_the_goal_the_one_that_met_it_is_delivered(
     checks = result.report["selection"]["checks"]
     assert [c["delivered"] for c in checks] == [True] + [False] * (len(checks) - 1)
     assert result.report["selection"]["total_error"] == checks[0]["total_error"]
+
+
+def _scripted_int8(monkeypatch, gains) -> list:
+    """int8 decisions with scripted gains (fp32 1 ms, int8 1/gain ms, no drop): the first call decides on the
+    original, later ones on the factorized model. Returns the graphs each call was asked about."""
+    asked = []
+
+    def scripted(self, fp32, int8):
+        asked.append(fp32)
+        gain = gains[min(len(asked), len(gains)) - 1]
+        return {"fp32_ms": 1.0, "int8_ms": 1.0 / gain, "engine": self.engine_name, "emulated": False,
+                "int8": gain > 1.0, "drop_points": 0.0, "accuracy": "scripted", "reason": "scripted"}
+    monkeypatch.setattr(deploy_run._Deploy, "_int8_pays", scripted)
+    return asked
+
+
+def _calibration():
+    import numpy as np
+
+    return [np.random.default_rng(i).standard_normal((1, 32, 32, 32)).astype(np.float32) for i in range(2)]
+
+
+def test_int8_is_decided_on_the_original_first_and_the_factors_are_asked_only_for_the_rest(env, monkeypatch):
+    root, _ = env
+    _scripted_checks(monkeypatch, [0.95] * 3)  # each check lands just inside its goal: no correction
+    _scripted_int8(monkeypatch, [1.5])
+    plain = deploy(_conv_graph(), "x86", root / "factors-only", speedup=2.0, rounds=ROUNDS, progress=False)
+    with_int8 = deploy(_conv_graph(), "x86", root / "int8-first", speedup=2.0, calibration=_calibration(),
+                       rounds=ROUNDS, progress=False)
+
+    first = with_int8.report["int8_first"]
+    assert first["int8"] and first["gain"] == pytest.approx(1.5)
+    original_ms = with_int8.report["latency_table"]["original_ms"]["median_ms"]
+    # the fp32 factorized model's goal is the deployed goal times int8's gain: 1/2 x 1.5 of the original
+    assert with_int8.report["selection"]["goal_ms"] == pytest.approx(original_ms / 2.0 * 1.5)
+    assert plain.report["selection"]["goal_ms"] == pytest.approx(original_ms / 2.0)
+    # a looser goal costs less error, and int8 is delivered on top
+    assert with_int8.report["selection"]["total_error"] < plain.report["selection"]["total_error"]
+    assert with_int8.report["int8"]["int8"] and "int8 first" in (root / "int8-first" / "report.md").read_text()
+
+
+def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatch):
+    root, _ = env
+    checked = _scripted_checks(monkeypatch, [0.95] * 3)
+    _scripted_int8(monkeypatch, [2.5])
+    result = deploy(_conv_graph(), "x86", root / "int8-alone", speedup=2.0, calibration=_calibration(),
+                    rounds=ROUNDS, progress=False)
+    assert set(result.report["selection"]["choices"].values()) == {"original"}
+    assert checked == []  # nothing replaced: no whole-model check of a factorized model
+    assert result.report["int8"]["int8"] and result.report["selection"]["total_error"] == 0
+
+
+def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch):
+    root, _ = env
+    _scripted_checks(monkeypatch, [0.95] * 3)
+    asked = _scripted_int8(monkeypatch, [1.5, 1.1, 1.1])  # 1.5x on the original, 1.1x once factorized
+    result = deploy(_conv_graph(), "x86", root / "shortfall", speedup=2.0, calibration=_calibration(),
+                    rounds=ROUNDS, progress=False)
+    assert len(asked) == 3  # the original, then the factorized model of each selection
+    shortfall = result.report["int8_first"]["shortfall"]
+    assert shortfall == {"expected_gain": pytest.approx(1.5), "realized_gain": pytest.approx(1.1)}
+    original_ms = result.report["latency_table"]["original_ms"]["median_ms"]
+    assert result.report["selection"]["goal_ms"] == pytest.approx(original_ms / 2.0 * 1.1)
+    assert "selected again" in (root / "shortfall" / "report.md").read_text()
+
+
+def test_int8_rejected_on_the_original_is_not_measured_again(env, monkeypatch):
+    root, _ = env
+    _scripted_checks(monkeypatch, [0.95] * 3)
+    asked = _scripted_int8(monkeypatch, [0.8])  # int8 slower than fp32 on the original
+    result = deploy(_conv_graph(), "x86", root / "int8-rejected", speedup=1.5, calibration=_calibration(),
+                    rounds=ROUNDS, progress=False)
+    assert len(asked) == 1 and not result.report["int8"]["int8"]
+    assert result.report["int8"]["reason"].startswith("not kept on the original")
+    original_ms = result.report["latency_table"]["original_ms"]["median_ms"]
+    assert result.report["selection"]["goal_ms"] == pytest.approx(original_ms / 1.5)
