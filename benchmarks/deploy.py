@@ -74,6 +74,10 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     candidates = [("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)]
     if report["int8"].get("int8"):  # deploy's fp32 model too: the same FLOPs as flops-based, before int8
         candidates.insert(2, ("deploy fp32", tf.load(os.path.join(out, "stages", "compressed.onnx"))))
+        # and flops-based with int8 on the same calibration data (the task's: deploy keeps int8 only with
+        # calibration data), the like-for-like of what deploy delivered
+        flops_int8, _ = tf.compress(flops_based, "int8", calibration=task)
+        candidates.append(("flops-based + int8", flops_int8))
     measured = tf.measure(candidates,
                           args.target, data=task, rounds=args.rounds, engines=[report["engine"]], progress=True)
     rows = {r["candidate"]: r for r in measured.rows}
@@ -87,7 +91,8 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     checks = report["selection"].get("checks") or []
     return {"model": model, "weights": args.weights if model.startswith("torchvision:") else "trained",
             "speedup_asked": speedup, "checks": checks, "machine": host_cpu(), "engine": report["engine"],
-            "threads": report["threads"], "deploy_verdict": report["verdict"], "int8": report["int8"], "predicted_ms":
+            "threads": report["threads"], "deploy_verdict": report["verdict"], "int8": report["int8"],
+            "int8_first": report["int8_first"], "predicted_ms":
             report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
             "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
             "flops_ratio": ratio, "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})",
@@ -95,6 +100,7 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
             "same_run": {"original_ms": ms("original"), "deploy_ms": ms("deploy"), "flops_based_ms": ms("flops-based"),
                          "deploy_speedup": ms("original") / ms("deploy"),
                          "deploy_fp32_ms": ms("deploy fp32") if "deploy fp32" in rows else None,
+                         "flops_based_int8_ms": ms("flops-based + int8") if "flops-based + int8" in rows else None,
                          "flops_based_speedup": ms("original") / ms("flops-based"),
                          "top1": {n: top1(n) for n in rows}},
             "refused": refused, "layers_replaced": sum(1 for k in report["selection"]["choices"].values()
@@ -124,7 +130,16 @@ def main(argv=None) -> int:
                   f"({same['flops_based_speedup']:.2f}x, {1 / row['flops_based_flops_ratio']:.2f}x fewer FLOPs) "
                   f"{top1.get('flops-based')}"
                   + (f"; deploy before int8 {same['deploy_fp32_ms']:.3f} ms {top1.get('deploy fp32')}"
-                     if same["deploy_fp32_ms"] else ""))
+                     if same["deploy_fp32_ms"] else "")
+                  + (f"; flops-based + int8 {same['flops_based_int8_ms']:.3f} ms "
+                     f"({same['original_ms'] / same['flops_based_int8_ms']:.2f}x) {top1.get('flops-based + int8')}"
+                     if same["flops_based_int8_ms"] else ""))
+            first = row["int8_first"] or {}
+            print(f"  int8 on the original: " + (f"{first['gain']:.2f}x, {first.get('accuracy')}; factors asked for "
+                                                 f"{row['speedup_asked'] / first['gain']:.2f}x"
+                                                 if first.get("int8") else f"not kept ({first.get('reason')})")
+                  + (f"; on the factorized model int8 gave {first['shortfall']['realized_gain']:.2f}x: selected again"
+                     if first.get("shortfall") else ""))
             print(f"  deploy replaced {row['layers_replaced']} of {row['layers']} layers; refused (not faster "
                   f"than the layer): " + (", ".join(f"{k}: {', '.join(v)}" for k, v in row["refused"].items())
                                           or "none"))
