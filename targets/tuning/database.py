@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 from tensorfold.ir.errors import BuildError, TargetError
 
 from ..registry import Target
+from .intrinsics import load_for
 
 WORKLOAD_FILE = "database_workload.json"      # MetaSchedule's own names, so that
 RECORD_FILE = "database_tuning_record.json"   # MetaScheduleApplyDatabase(work_dir) reads the folder too
@@ -113,6 +114,9 @@ def open_database(directory: str, target: Target, create: bool):
         with open(marker, "w") as f:
             json.dump({"key": target.key, "target": target.tvm_target}, f, indent=1)
     repair = repair_database(directory)
+    # records replay as traces that name tensor intrinsics (tensorize): a process that has not built
+    # int8 yet must know them before loading, or every record fails to load
+    load_for(target.tvm_target)
     try:
         database = ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
                                             path_tuning_record=os.path.join(directory, RECORD_FILE))

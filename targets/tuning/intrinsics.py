@@ -36,6 +36,9 @@ def load_for(tvm_target: dict) -> None:
         setattr(importlib.import_module("tvm.s_tir"), "tensor_intrin", package)
     for family in families:
         importlib.import_module(f"{PACKAGE}.{family}")
+    if families == ["x86"]:  # tensorfold's own (int8 layouts), which tuned records name like TVM's
+        register_vnni()
+        register_avx2()
 
 
 VNNI_INTRIN = "tensorfold_dot_16x4_vnni"
