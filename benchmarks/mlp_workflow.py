@@ -75,11 +75,11 @@ def file_bytes(graph, work: str, name: str) -> tuple[int, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--admm", default="admm_lowrank(energy=0.98, data=true, iters=10, epochs_per_iter=2, "
-                                          "batch=4096, lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=40, "
+                                          "batch=4096, lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=120, "
                                           "lr=0.001, distill=false))",
                         help="the ADMM step of the workflow (data norm: ranks per layer from calibration data)")
     parser.add_argument("--admm-weights", default="admm_lowrank(ratio=2, iters=10, epochs_per_iter=2, batch=4096, "
-                                                  "lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=40, lr=0.001, "
+                                                  "lr=0.001, rho=0.001, rho_growth=2, finetune=(epochs=120, lr=0.001, "
                                                   "distill=false))",
                         help="the same ADMM in the weight norm (one rank for every layer), for comparison")
     parser.add_argument("--latency", choices=("on", "off"), default="on")

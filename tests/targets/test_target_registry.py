@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -21,6 +22,37 @@ def test_x86_is_this_host_with_core_count():
     assert target.tvm_target.get("mcpu") not in (None, "", "native", "generic")
     assert target.tvm_target["num-cores"] >= 1
     assert target.link == "local-cc" and target.placement.kind == "local" and target.runs_here
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        line = next((l for l in f if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_x86_code_uses_the_widest_vector_registers_this_cpu_has():
+    """A 16-lane fp32 loop built for the host target is 512-bit code on an AVX-512 CPU (256-bit on AVX2):
+    a target that lost the host CPU (a generic x86-64) would emit 128-bit SSE. LLVM prefers 256-bit vectors
+    for its own vectorizer on some AVX-512 CPUs; TVM's explicit vectors must still use zmm there."""
+    import tvm
+    from tvm import te
+
+    flags = _cpu_flags()
+    register = "zmm" if "avx512f" in flags else "ymm" if "avx2" in flags else None
+    if register is None:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
+    n = 64
+    a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
+    k = te.reduce_axis((0, n), "k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
+    i, j, kk = sch.get_loops(sch.get_sblock("C"))
+    jo, ji = sch.split(j, [None, 16])
+    sch.reorder(i, jo, kk, ji)
+    sch.vectorize(ji)
+    asm = tvm.compile(sch.mod, target=tvm.target.Target(get_target("x86").tvm_target)).mod.inspect_source("asm")
+    assert re.search(rf"\bv\w+\s+.*%{register}\d+", asm), f"no {register} instruction in the host target's code"
 
 
 @pytest.mark.parametrize("name, expected", [
