@@ -192,6 +192,20 @@ def _scripted_checks(monkeypatch, ratios) -> list:
     return checked
 
 
+def _step(ratio: float) -> float:
+    return min(max(ratio, 1 / deploy_run.MAX_STEP), deploy_run.MAX_STEP)
+
+
+def test_one_disturbed_check_moves_the_goal_by_at_most_the_trust_region(env, monkeypatch):
+    root, _ = env
+    # the first check measures 3x the goal (a disturbed timing: the model was predicted within it)
+    _scripted_checks(monkeypatch, [3.0, 0.95, 0.95])
+    result = deploy(_conv_graph(), "x86", root / "disturbed", speedup=1.3, rounds=ROUNDS, progress=False)
+    first, second = result.report["selection"]["checks"][:2]
+    assert first["measured_ratio"] / first["predicted_ratio"] > 2 * deploy_run.MAX_STEP
+    assert second["correction"] == pytest.approx(deploy_run.MAX_STEP)
+
+
 def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighter_goal(env, monkeypatch):
     root, _ = env
     # the first compressed model measures at 1.3x the goal although its prediction met it
@@ -201,7 +215,7 @@ def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighte
     selection = result.report["selection"]
     first, second = selection["checks"][:2]
     assert first["measured_ratio"] > first["goal_ratio"] >= first["predicted_ratio"]  # promised, missed
-    assert second["correction"] == pytest.approx(first["measured_ratio"] / first["predicted_ratio"])
+    assert second["correction"] == pytest.approx(_step(first["measured_ratio"] / first["predicted_ratio"]))
     assert second["predicted_ratio"] < first["predicted_ratio"]  # a faster set was chosen ...
     assert checked[1] is not checked[0] and not first["delivered"] and second["delivered"]  # ... and delivered
     original_ms = result.report["latency_table"]["original_ms"]["median_ms"]
@@ -220,7 +234,7 @@ def test_a_model_far_faster_than_asked_gives_speed_back_for_accuracy(env, monkey
     _scripted_checks(monkeypatch, [0.5, 0.95])
     result = deploy(_conv_graph(), "x86", root / "relaxed", speedup=1.3, rounds=ROUNDS, progress=False)
     first, second = result.report["selection"]["checks"]
-    assert second["correction"] == pytest.approx(first["measured_ratio"] / first["predicted_ratio"]) and \
+    assert second["correction"] == pytest.approx(_step(first["measured_ratio"] / first["predicted_ratio"])) and \
         second["correction"] < 1
     assert second["total_error"] < first["total_error"] and second["delivered"] and not first["delivered"]
     # what OUT holds is the delivered model
