@@ -165,6 +165,7 @@ class _Deploy:
         self.work = tempfile.mkdtemp(prefix="tensorfold-deploy-")
         self._engine = None
         self.first = None  # int8 on the original (int8_first), when a selection runs
+        self.int8_gain = 1.0  # what int8 is counted on to divide the latency by (factor_goal_ms)
 
     @property
     def engine(self) -> lat.LatencyEngine:
@@ -304,7 +305,7 @@ class _Deploy:
 
     def factor_goal_ms(self, table: dict) -> float:
         """The goal for the fp32 factorized model: int8, when kept, divides its latency by `int8_gain`."""
-        return self.goal_ms(table) * getattr(self, "int8_gain", 1.0)
+        return self.goal_ms(table) * self.int8_gain
 
     def selection(self, table: dict, correction: float = 1.0) -> dict:
         """The least-error choices whose predicted latency is within the goal, the goal divided by
