@@ -194,7 +194,7 @@ class _Deploy:
                         original, folded, table, selection, recipe, compressed, compress_report, key)
                 tuned, key = self.finetuned(compressed, folded, key, recipe)
                 final, int8, key = self.int8(tuned, key, recipe)
-                realized = int8["fp32_ms"] / int8["int8_ms"] if int8["int8"] and "int8_ms" in int8 else 1.0
+                realized = _int8_gain(int8)
                 if attempt or self.int8_gain <= 1.0 or realized >= INT8_GAIN_KEPT * self.int8_gain:
                     break
                 # the factors were asked for less because int8 was to give the rest; it gave less on the
@@ -291,7 +291,7 @@ class _Deploy:
             self.say("int8 on the original: quantizing on the calibration data")
             quantized, _ = tf.compress(folded, "int8", calibration=plan["feeds"])
             decision = self._int8_pays(folded, quantized)
-        decision["gain"] = decision["fp32_ms"] / decision["int8_ms"] if decision["int8"] else 1.0
+        decision["gain"] = _int8_gain(decision)
         self.stages.save("int8_first", key, decision)
         if decision["int8"]:
             self.say(f"int8 on the original: {decision['gain']:.2f}x; the factors are asked for the rest")
@@ -535,6 +535,12 @@ INT8_GAIN_KEPT = 0.95  # int8 on the factorized model giving less than this shar
 MAX_CORRECTIONS = 2  # re-selections after timing the compressed model against the original
 MAX_STEP = 1.5  # the most one whole-model check scales the goal by (either way)
 RELAX = 0.9  # a model measured faster than this fraction of the goal gives speed back for accuracy
+
+
+def _int8_gain(decision: dict) -> float:
+    """fp32 ms / int8 ms of an int8 decision that kept int8 on its own timing; 1 otherwise (not kept, or
+    kept by a recipe without timing)."""
+    return decision["fp32_ms"] / decision["int8_ms"] if decision["int8"] and "int8_ms" in decision else 1.0
 
 
 def _pair(labelled) -> tuple[np.ndarray, np.ndarray]:
