@@ -18,6 +18,7 @@ from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
 from .frontend import to_relax
+from .int8.amx import AMX, amx_kernels, target_has_amx
 from .int8.instructions import census
 from .int8.layout import dot_layout_for, tensorized_kernels
 from .int8.layout import legalize as legalize_int8_layout
@@ -62,7 +63,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     int8, dot_layout = None, None
     if has_qdq(mod):  # a quantized (QDQ) graph: run its convs and matmuls on the integers
         dot_layout = dot_layout_for(target.tvm_target) if int8_network != "nchw" else None
-        mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked")
+        tiles = AMX if dot_layout is not None and target_has_amx(target.tvm_target) else None
+        mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked", tiles=tiles)
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
@@ -70,7 +72,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     database_dir = os.path.abspath(tuning_db) if tuning_db else default_database_dir(target)
     mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress, further=tune_further)
     if dot_layout is not None:
-        int8.tensorized = tensorized_kernels(mod, dot_layout)
+        int8.tensorized = tensorized_kernels(mod, dot_layout) + amx_kernels(mod)
     prepacked = _prepack(mod, target) if prepack else None
     if prepacked is not None:
         mod = prepacked

@@ -110,10 +110,15 @@ def _num_cores() -> int:
 def _x86(mcpu: str | None) -> Target:
     import tvm
 
+    from .int8.amx import host_amx_mattr, target_has_amx
+
     if mcpu is None:
         # {"mcpu": "native"} silently falls back to a generic CPU (docs/toolchain.md#tvm): ask LLVM.
         spec = dict(tvm.target.Target.from_device(tvm.cpu()).export())
         spec = {k: v for k, v in spec.items() if k in ("kind", "mtriple", "mcpu", "mattr")}
+        amx = host_amx_mattr()  # what LLVM's CPU name may lack (a VM's Xeon read as rocketlake)
+        if amx and not target_has_amx(spec):
+            spec["mattr"] = [*spec.get("mattr", []), *amx]
         name, description = "x86", f"this host ({spec.get('mcpu', 'generic')}), run in-process"
     else:
         _check_cpu(mcpu, "x86_64-linux-gnu", "x86")

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 
 INT8_INSTRUCTIONS = {
-    "x86": ("vpdpbusd", "vpdpbusds", "vpdpwssd", "vpdpwssds", "vpmaddubsw", "vpmaddwd", "pmaddubsw", "pmaddwd"),
+    "x86": ("tdpbusd", "vpdpbusd", "vpdpbusds", "vpdpwssd", "vpdpwssds", "vpmaddubsw", "vpmaddwd", "pmaddubsw", "pmaddwd"),
     "aarch64": ("sdot", "udot", "usdot", "smlal", "smlal2", "umlal", "umlal2", "smull", "smull2", "umull", "umull2"),
 }
 

@@ -40,6 +40,7 @@ class DotLayout:
     tensor_intrin: str   # the TensorIntrin tuning tensorizes the inner loops with
     data_dtype: str = "uint8"  # sdot multiplies s8 x s8: u8 activations are shifted by -128 first
     kernel_dtype: str = "int8"
+    tiles: bool = False  # AMX (amx.py): a fixed TIR kernel on tile registers, kernel in tile order
 
     @property
     def operands(self) -> str:
@@ -105,7 +106,11 @@ def tensorized_kernels(mod, layout: DotLayout) -> list[str]:
 
 
 def blocked_kernel(weight: np.ndarray, layout: DotLayout) -> np.ndarray:
-    """OIHW s8 -> OIHW{lanes}o{reduce}i, zero-padded to whole blocks."""
+    """OIHW s8 -> OIHW{lanes}o{reduce}i, zero-padded to whole blocks (AMX: its tile order)."""
+    if layout.tiles:
+        from .amx import tile_kernel
+
+        return tile_kernel(weight)
     o, c, kh, kw = weight.shape
     o_pad, c_pad = _round_up(o, layout.lanes), _round_up(c, layout.reduce)
     padded = np.zeros((o_pad, c_pad, kh, kw), weight.dtype)
@@ -208,6 +213,10 @@ def legalize_conv2d(bb, call):
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
     if layout is None:
+        from .amx import AMX, legalize_conv2d as amx_conv2d
+
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == (AMX.data, AMX.kernel, AMX.out):
+            return amx_conv2d(bb, call)
         return _nn_conv2d(bb, call)
     strides = [int(s) for s in attrs.strides]
     dilation = [int(d) for d in attrs.dilation]

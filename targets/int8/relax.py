@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .amx import uses_amx
 from .layout import blocked_conv2d, blocked_matmul, per_channel, unblock
 from .requant import quantize_multiplier, requantize_relax
 
@@ -57,11 +58,13 @@ def has_qdq(mod) -> bool:
     return "R.dequantize(" in mod.script(show_meta=False)
 
 
-def lower_qdq(mod, layout=None, fixed_point: bool = True):
+def lower_qdq(mod, layout=None, fixed_point: bool = True, tiles=None):
     """(module with integer conv2d/matmul, Int8Lowering).
 
     layout: a layout.DotLayout to run ungrouped conv2d in the blocked layout of the
     target's dot-product instruction (None: NCHW, left to LLVM's vectoriser).
+    tiles: amx.AMX where the target has AMX: ungrouped convs with >= 64 input channels run on
+    its tiles (amx.uses_amx), the rest in `layout`.
     fixed_point: requantize a conv's output in integers where the graph quantizes it
     next (False: every conv keeps the float requantization).
     """
@@ -69,6 +72,14 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     lowering = Int8Lowering(dot_product=layout.instruction if layout is not None else None)
+    if tiles is not None and layout is not None:
+        lowering.dot_product = f"{tiles.instruction} + {layout.instruction}"
+
+    def conv_layout(weight, attrs):
+        """The blocked layout this conv runs in, or None (NCHW)."""
+        if layout is None or int(attrs.groups) != 1:
+            return None
+        return tiles if tiles is not None and uses_amx(int(weight.shape[1]), int(attrs.groups)) else layout
     x_q, s_x, z_x = wildcard(), is_const(), is_const()
     w_q, s_w, z_w = is_const(), is_const(), is_const()
     x_dq = is_op("relax.dequantize")(x_q, s_x, z_x)
@@ -106,14 +117,14 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
         channels = weight.shape[0]
         weight_sums = weight.astype(np.int64).reshape(channels, -1).sum(axis=1)
         scale = (p["s_x"].astype(np.float64).reshape(()) * np.broadcast_to(p["s_w"].reshape(-1), (channels,)))
-        if layout is not None and int(attrs.groups) == 1:
-            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
+        blocked = conv_layout(weight, attrs)
+        if blocked is not None:
+            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, blocked)
             correction = data_zero * weight_sums
-            kind = layout.operands
-            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
-                                     f"({layout.instruction})")
-            dequantized = _dequantized(acc, per_channel(correction, padded, layout),
-                                       per_channel(scale, padded, layout))
+            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {blocked.operands} -> s32 in {blocked.data} "
+                                     f"({blocked.instruction})")
+            dequantized = _dequantized(acc, per_channel(correction, padded, blocked),
+                                       per_channel(scale, padded, blocked))
             return unblock(dequantized, _out_shape(call), padded)
         acc = _nchw_conv2d(p["x_q"], weight, zero, attrs)
         correction = zero * weight_sums
@@ -146,14 +157,14 @@ def lower_qdq(mod, layout=None, fixed_point: bool = True):
         bias_acc = np.round(bias / np.where(scale == 0, 1, scale)).astype(np.int64)
         m, shift = quantize_multiplier(scale / float(s_out.reshape(())))
         z = int(z_out.reshape(()))
-        if layout is not None and int(attrs.groups) == 1:
-            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, layout)
+        blocked = conv_layout(weight, attrs)
+        if blocked is not None:
+            acc, padded, data_zero = blocked_conv2d(p["x_q"], weight, zero, attrs, blocked)
             offset = bias_acc - data_zero * weight_sums
-            kind = layout.operands
-            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {kind} -> s32 in {layout.data} "
-                                     f"({layout.instruction}), fixed-point requantization")
-            acc = relax.op.add(acc, relax.const(per_channel(offset.astype(np.int32), padded, layout)))
-            q = requantize_relax(acc, per_channel(m, padded, layout), per_channel(shift, padded, layout),
+            lowering.int8_ops.append(f"conv2d {tuple(weight.shape)} {blocked.operands} -> s32 in {blocked.data} "
+                                     f"({blocked.instruction}), fixed-point requantization")
+            acc = relax.op.add(acc, relax.const(per_channel(offset.astype(np.int32), padded, blocked)))
+            q = requantize_relax(acc, per_channel(m, padded, blocked), per_channel(shift, padded, blocked),
                                  z, out_dtype)
             return unblock(q, _out_shape(conv_call), padded)
         acc = _nchw_conv2d(p["x_q"], weight, zero, attrs)

@@ -20,6 +20,7 @@ import cloudpickle
 
 from tensorfold.ir.errors import BuildError, TargetError
 
+from ..int8.amx import is_amx_task
 from ..registry import Target
 from .database import database_lock, has_record, open_database
 from .logs import metaschedule_logging
@@ -75,7 +76,8 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     import tvm.s_tir.meta_schedule as ms
 
     tvm_target = target.tvm()
-    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    # the AMX conv is a fixed kernel (int8/amx.py): nothing to tune or replay
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target) if not is_amx_task(t)]
     summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
     # Held from opening (which may repair the files) to the end of tuning; the records are then
     # in memory, so applying them needs no lock. No folder and nothing to tune: nothing to lock.
