@@ -15,8 +15,8 @@ remembers its blocked twin (N, C/16, H, W, 16). Then:
 - an op that needs NCHW reads a value with a twin through one `unblock` of the twin, made
   there (not through the NCHW chain of elementwise ops that led to it);
 - `layout_transform(x, NCHW -> NCHW{r}c)` of a value with a blocked twin becomes a
-  re-blocking of the twin, 16c -> {r}c (reshape / permute / reshape of u8 in cache), so no
-  NCHW tensor is made between two blocked convs.
+  re-blocking of the twin, 16c -> {r}c (reshape / permute / reshape of u8 in cache; for AMX's
+  64c, four 16c blocks side by side), so no NCHW tensor is made between two blocked convs.
 
 Every original binding is emitted too; DeadCodeElimination then drops the NCHW values no
 one reads. What stays: one NCHW -> blocked change at the first conv, one blocked -> NCHW
@@ -230,9 +230,18 @@ def _reblock(call, twin: Twin, builder):
         return None
     r = out[4]
     n, blocks, height, width, lanes = source
-    if lanes % r or out[0] != n or out[2:4] != [height, width] or out[1] > blocks * lanes // r:
+    if out[0] != n or out[2:4] != [height, width]:
         return None
     x = twin.blocked
+    if r > lanes and r % lanes == 0:  # e.g. 16c -> 64c (AMX): groups of r / lanes blocks side by side
+        group = r // lanes
+        if blocks < out[1] * group:  # channels the conv pads to whole 64-blocks: any finite value meets zero weights
+            x = builder.emit(relax.op.nn.pad(x, [0, 0, 0, out[1] * group - blocks, 0, 0, 0, 0, 0, 0]))
+        x = builder.emit(relax.op.reshape(x, (n, out[1], group, height, width, lanes)))
+        x = builder.emit(relax.op.permute_dims(x, [0, 1, 3, 4, 2, 5]))
+        return builder.emit(relax.op.reshape(x, (n, out[1], height, width, r)))
+    if lanes % r or out[1] > blocks * lanes // r:
+        return None
     if r != lanes:
         x = builder.emit(relax.op.reshape(x, (n, blocks, height, width, lanes // r, r)))
         x = builder.emit(relax.op.permute_dims(x, [0, 1, 4, 2, 3, 5]))
@@ -253,5 +262,5 @@ def layout_changes(mod) -> dict[str, int]:
         text = func.script(show_meta=False)
         counts["to_blocked"] += text.count("R.layout_transform(")
         counts["from_blocked"] += text.count(f"axes={UNBLOCK_AXES}")
-        counts["reblock"] += text.count("axes=[0, 1, 4, 2, 3, 5]")
+        counts["reblock"] += text.count("axes=[0, 1, 4, 2, 3, 5]") + text.count("axes=[0, 1, 3, 4, 2, 5]")
     return counts

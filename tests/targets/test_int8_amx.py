@@ -138,3 +138,23 @@ def test_amx_build_gives_the_vnni_build_s_outputs(wide_int8, tmp_path):
     x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 20, 20)).astype(np.float32)
     outputs = [next(iter(load_artifact(b.path)(x).values())) for b in (amx, vnni)]
     assert np.array_equal(outputs[0], outputs[1])  # the same integer sums, the same float epilogue
+
+
+def test_blocked_network_re_blocks_sixteen_lane_outputs_into_amx_blocks(wide_int8, tmp_path):
+    # compile only: between convs the activations stay blocked; NCHW16c -> NCHW64c is a re-blocking, not a
+    # round trip through NCHW (one change into the blocked layout at the stem, one out at the classifier)
+    built = tf.build(wide_int8, "x86:sapphirerapids", tmp_path / "spr", progress=False, int8_network="blocked")
+    lowering = built.manifest["int8"]
+    assert sum("in NCHW64c (tdpbusd), fixed-point" in op for op in lowering["int8_ops"]) == 2, lowering["int8_ops"]
+    assert lowering["layout_changes"] == {"to_blocked": 1, "from_blocked": 1, "reblock": 2}
+
+
+@needs_amx
+def test_blocked_amx_network_gives_the_blocked_vnni_network_s_outputs(wide_int8, tmp_path):
+    from tensorfold.targets import load_artifact
+
+    amx = tf.build(wide_int8, "x86", tmp_path / "amx", progress=False, int8_network="blocked")
+    vnni = tf.build(wide_int8, "x86:icelake-server", tmp_path / "vnni", progress=False, int8_network="blocked")
+    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 20, 20)).astype(np.float32)
+    outputs = [next(iter(load_artifact(b.path)(x).values())) for b in (amx, vnni)]
+    assert np.array_equal(outputs[0], outputs[1])
