@@ -28,22 +28,24 @@ from .registry import Target, get_target
 from .tuning.tune import TuningSummary, default_database_dir, tune
 
 
-INT8_NETWORKS = ("per-conv", "blocked", "nchw")
+INT8_NETWORKS = ("auto", "per-conv", "blocked", "nchw")
 
 
 def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
-          progress: bool = True, tune_further: bool = False, int8_network: str = "per-conv") -> Artifact:
+          progress: bool = True, tune_further: bool = False, int8_network: str = "auto") -> Artifact:
     """Compile `graph` for `target` into the folder `out_dir` (see artifact.py for its layout).
 
     tune_trials: MetaSchedule trial budget for the tasks the tuning database lacks (0: no
     tuning, but records already in the database are applied). tuning_db: the database
     folder (default: one per target under the user cache, see tuning.default_database_dir).
     tune_further: spend tune_trials on every task, tuned ones included (tuning.tune).
-    int8_network (QDQ graphs): "per-conv" (default) converts each blocked conv's input and output
-    layout and requantizes in float; "blocked" requantizes in fixed point inside each conv and keeps
-    activations in the blocked layout between convs (one layout change in, one out). Measured on
-    ResNet-18 at 150 trials (README, int8), "blocked" is still slower: its re-blocking kernels tune
-    poorly and its fused epilogues make every conv a task of its own. "nchw" uses no blocked layout
+    int8_network (QDQ graphs): "per-conv" converts each blocked conv's input and output layout and
+    requantizes in float; "blocked" requantizes in fixed point and keeps activations in the blocked
+    layout between convs (one layout change in, one out). "auto" (default): "blocked" where the target
+    has AMX, "per-conv" elsewhere. Measured on ResNet-18 at 150 trials (README, int8): on a Zen 4 (VNNI)
+    "blocked" is slower (its re-blocking kernels tune poorly and its fused epilogues make every conv a
+    task of its own); on a Xeon with AMX, whose conv kernel is fixed, "per-conv" spends twice the
+    blocked network's time in the transposes around the convs. "nchw" uses no blocked layout
     (what a CPU without a dot product gets: LLVM's vectoriser widens the bytes), to measure what the
     layout buys (benchmarks/int8_layouts.py).
     """
@@ -64,7 +66,10 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     if has_qdq(mod):  # a quantized (QDQ) graph: run its convs and matmuls on the integers
         dot_layout = dot_layout_for(target.tvm_target) if int8_network != "nchw" else None
         tiles = AMX if dot_layout is not None and target_has_amx(target.tvm_target) else None
+        if int8_network == "auto":
+            int8_network = "blocked" if tiles is not None else "per-conv"
         mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked", tiles=tiles)
+        int8.network = int8_network
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:

@@ -12,7 +12,7 @@ from tensorfold.targets import build as _build_graph
 
 def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_trials: int = 0,
           tuning_db: str | os.PathLike | None = None, progress: bool = True,
-          example_inputs: Any = None, tune_further: bool = False, int8_network: str = "per-conv") -> Artifact:
+          example_inputs: Any = None, tune_further: bool = False, int8_network: str = "auto") -> Artifact:
     """Compile for `target` ("x86", "x86:znver4", "cuda:sm_80", "arm64", "android-arm64") into `out_dir`.
 
     `graph`: a tensorfold Graph, an `.onnx` path, or a torch module with `example_inputs`.
@@ -20,7 +20,8 @@ def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_tri
     of (0: none; records already there are still used). `tuning_db`: the database folder
     (default `~/.cache/tensorfold/tuning/<target key>/`). `tune_further`: spend the trials on
     every workload, tuned ones too, starting from their best records. `int8_network` (QDQ graphs on a
-    dot-product CPU): "per-conv", "blocked" or "nchw" (targets/build.py says what each does). Returns the Artifact (folder +
+    dot-product CPU): "auto" (blocked with AMX, else per-conv), "per-conv", "blocked" or "nchw"
+    (targets/build.py says what each does). Returns the Artifact (folder +
     manifest); `artifact.load()` runs it in this process when the target is local.
     """
     if isinstance(graph, (str, os.PathLike)):

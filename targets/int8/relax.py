@@ -47,11 +47,13 @@ class Int8Lowering:
     tensorized: list[str] = field(default_factory=list)  # kernels whose schedule calls that instruction
     instructions: dict | None = None  # int8 multiply instructions in the library (instructions.census)
     layout_changes: dict | None = None  # into / out of the blocked layout, re-blockings (blocked.py)
+    network: str | None = None  # build's int8_network as chosen: "per-conv", "blocked" or "nchw"
 
     def to_json(self) -> dict:
         return {"int8_ops": self.int8_ops, "float_ops": self.float_ops, "int8_kernels": self.kernels,
                 "dot_product": self.dot_product, "tensorized_kernels": self.tensorized,
-                "machine_instructions": self.instructions, "layout_changes": self.layout_changes}
+                "machine_instructions": self.instructions, "layout_changes": self.layout_changes,
+                "network": self.network}
 
 
 def has_qdq(mod) -> bool:
