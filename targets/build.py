@@ -73,7 +73,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
-        int8.kernels = int8_kernels(mod)
+        # the AMX kernel multiplies in tile instructions, not in a TIR reduction int8_kernels can read
+        int8.kernels = int8_kernels(mod) + [f"{name}: uint8 x int8 -> int32" for name in amx_kernels(mod)]
     database_dir = os.path.abspath(tuning_db) if tuning_db else default_database_dir(target)
     mod, tuning = tune(mod, target, database_dir, tune_trials, out_dir, progress, further=tune_further)
     if dot_layout is not None:

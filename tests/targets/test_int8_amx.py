@@ -119,6 +119,7 @@ def test_convs_with_64_inputs_or_more_go_to_amx_where_the_target_has_it(wide_int
     assert sum("in NCHW64c (tdpbusd)" in op for op in lowering["int8_ops"]) == 2, lowering["int8_ops"]
     assert sum("(vpdpbusd)" in op for op in lowering["int8_ops"]) == 2  # the stem and the classifier
     assert sum(k.startswith("conv2d_NCHW64c_amx") for k in lowering["tensorized_kernels"]) == 2
+    assert sum(k.startswith("conv2d_NCHW64c_amx") for k in lowering["int8_kernels"]) == 2
     assert lowering["machine_instructions"]["instructions"].get("tdpbusd", 0) > 0
     # the fixed kernel is no tuning task
     assert not any("amx" in task for task in built.manifest["tuning"]["tasks"])
