@@ -88,11 +88,17 @@ def run(model: str, size: int, tune_trials: int, rounds: int, warmup: int, work:
         print(f"  int8 fidelity to fp32 on {row['engine']}: top-1 agreement {f.get('top1_agreement')}, "
               f"max rel. error {f.get('max_rel_error'):.3g}")
     manifests = glob.glob(os.path.join(work, model, "**", "manifest.json"), recursive=True)
+    for path in sorted(manifests):  # what each TVM build's tuning did (a task left untuned runs as plain loops)
+        tuning = _read_json(path)["tuning"]
+        print(f"  TVM {os.path.relpath(path, os.path.join(work, model)).split(os.sep)[0]}: "
+              f"{tuning['trials_spent']} trials in {tuning['seconds']:.0f} s, {len(tuning['tasks'])} tasks, "
+              f"{len(tuning['untuned'])} untuned")
     lowering = next((m["int8"] for m in map(_read_json, manifests) if m.get("int8")), None)
     print(f"  int8 pass: {len(report.passes[-1].changed)} layers quantized; TVM build: "
           + (f"{len(lowering['int8_ops'])} ops and {len(lowering['int8_kernels'])} kernels in int8, "
              f"{len(lowering['float_ops'])} left in float, "
-             f"{len(lowering.get('tensorized_kernels') or [])} tensorized for {lowering.get('dot_product')}"
+             f"{len(lowering.get('tensorized_kernels') or [])} tensorized for {lowering.get('dot_product')}, "
+             f"{lowering.get('network')} network"
              if lowering else "no int8 build found"))
 
 
@@ -110,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--passes", default="fold_bn", help="the pipeline before int8, for both candidates")
     parser.add_argument("--weights", choices=("random", "planted"), default="random")
+    parser.add_argument("--work-dir", help="keep the artifacts and tuning logs here (default: a temp folder)")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    with tempfile.TemporaryDirectory(prefix="tensorfold-quantize-") as work:
+    with tempfile.TemporaryDirectory(prefix="tensorfold-quantize-") as temp:
+        work = args.work_dir or temp
+        os.makedirs(work, exist_ok=True)
         for model in args.models.split(","):
             run(model.strip(), args.size, args.tune_trials, args.rounds, args.warmup, work, args.passes, args.weights)
 

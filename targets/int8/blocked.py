@@ -177,7 +177,10 @@ def _unblocked_from(value, values, new_of) -> Twin | None:
 def _scalar_const(expr) -> bool:
     import tvm
 
-    return isinstance(expr, tvm.ir.Constant) and int(expr.value.numpy().size) == 1
+    if not isinstance(expr, tvm.ir.Constant):
+        return False
+    value = expr.value  # a tensor for relax constants; a plain number for a scalar (clip's bounds, T.int64(0))
+    return int(value.numpy().size) == 1 if hasattr(value, "numpy") else True
 
 
 def _elementwise(call, twins, builder) -> Twin | None:
