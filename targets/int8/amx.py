@@ -26,11 +26,10 @@ runs in any process, tensorfold's or plain TVM's.
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 
-from .layout import DotLayout
+from .layout import DotLayout, _round_up, tensorized_kernels
 
 AMX = DotLayout(lanes=16, reduce=64, instruction="tdpbusd", llvm_intrinsic="llvm.x86.tdpbusd",
                 tensor_intrin="", tiles=True)
@@ -82,7 +81,7 @@ def uses_amx(channels: int, groups: int) -> bool:
 def tile_kernel(weight: np.ndarray) -> np.ndarray:
     """OIHW s8 -> (O/16, C/64, KH, KW, 16, 64) B tiles (rows [i/4], columns [o][i%4]), zero-padded."""
     o, c, kh, kw = weight.shape
-    o_pad, c_pad = -(-o // 16) * 16, -(-c // 64) * 64
+    o_pad, c_pad = _round_up(o, 16), _round_up(c, 64)
     padded = np.zeros((o_pad, c_pad, kh, kw), weight.dtype)
     padded[:o, :c] = weight
     tiles = padded.reshape(o_pad // 16, 16, c_pad // 64, 16, 4, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
@@ -179,12 +178,9 @@ def legalize_conv2d(bb, call):
 
 def amx_kernels(mod) -> list[str]:
     """The TIR functions that call `tdpbusd`."""
-    from tvm import tirx
-
-    return sorted(g.name_hint for g, f in mod.functions.items()
-                  if isinstance(f, tirx.PrimFunc) and AMX.llvm_intrinsic in f.script())
+    return tensorized_kernels(mod, AMX)
 
 
 def is_amx_task(task) -> bool:
     """A MetaSchedule task of the fixed AMX kernel (nothing to tune)."""
-    return bool(re.search(AMX_KERNEL, task.task_name)) or AMX.llvm_intrinsic in task.dispatched[0].script()
+    return AMX_KERNEL in task.task_name or AMX.llvm_intrinsic in task.dispatched[0].script()
