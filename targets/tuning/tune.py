@@ -23,6 +23,7 @@ from tensorfold.ir.errors import BuildError, TargetError
 from ..int8.amx import is_amx_task
 from ..registry import Target
 from .database import database_lock, has_record, open_database
+from .injective import is_fixed_task, schedule_injective
 from .logs import metaschedule_logging
 from .profile import profile_tasks
 from .spaces import spaces
@@ -46,6 +47,7 @@ class TuningSummary:
     untuned: list[str] = field(default_factory=list)        # compiled without a schedule (untuned code)
     replay_failed: list[str] = field(default_factory=list)  # a record exists but did not replay: kept untuned
     applied: list[str] = field(default_factory=list)        # functions compiled with a schedule from the database
+    fixed: list[str] = field(default_factory=list)          # data movement only: a fixed schedule, not tuned (injective.py)
     database_repairs: list[str] = field(default_factory=list)  # damaged lines dropped before opening
     lock_wait_seconds: float = 0.0  # waiting for another build that held the database
     task_profile: list[dict] = field(default_factory=list)  # profile.TaskProfile, largest share first
@@ -76,9 +78,11 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     import tvm.s_tir.meta_schedule as ms
 
     tvm_target = target.tvm()
-    # the AMX conv is a fixed kernel (int8/amx.py): nothing to tune or replay
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target) if not is_amx_task(t)]
-    summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks])
+    mod, fixed = schedule_injective(mod, target.tvm_target)
+    # the AMX conv (int8/amx.py) and the data-movement kernels have fixed schedules: nothing to tune or replay
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, tvm_target)
+             if not is_amx_task(t) and not is_fixed_task(t)]
+    summary = TuningSummary(database=database_dir, budget=trials, tasks=[t.task_name for t in tasks], fixed=fixed)
     # Held from opening (which may repair the files) to the end of tuning; the records are then
     # in memory, so applying them needs no lock. No folder and nothing to tune: nothing to lock.
     lock = (database_lock(database_dir, f"tuning {len(tasks)} task(s) for {target.name}" if trials > 0 else
