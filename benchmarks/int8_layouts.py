@@ -1,7 +1,8 @@
-"""What each int8 lowering of TVM buys on this CPU, on one conv block, beside onnxruntime and OpenVINO.
+"""What each int8 lowering of TVM buys on this CPU, on one conv block or ResNet-18, beside onnxruntime and OpenVINO.
 
 The block is conv3x3 -> relu -> conv3x3 (C -> C channels, S x S, batch 1): small enough to tune in
-minutes, large enough that the convolutions dominate. It is built for x86 four ways, each tuned with
+minutes, large enough that the convolutions dominate; `--model resnet18` takes torchvision's ResNet-18
+(random weights, calibrated on 4 random-normal batches). It is built for x86 four ways, each tuned with
 --trials MetaSchedule trials from its own database (in --tuning-dir, reused; --further spends the trials
 again on every task): fp32; int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
 the bytes); "per-conv" (the default: each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
@@ -12,10 +13,15 @@ median, GOP/s of the two convolutions, and the ratio to onnxruntime fp32.
 
     python benchmarks/int8_layouts.py --trials 48
     python benchmarks/int8_layouts.py --trials 200 --further --tuning-dir /tmp/int8-layouts   # tune more
+    python benchmarks/int8_layouts.py --model resnet18 --size 224 --builds per-conv,blocked --trials 150
+
+--builds picks among fp32, nchw, per-conv and blocked; --extra NAME=DIR times artifacts built before
+(e.g. by another version of tensorfold) in the same run; --json writes the table as JSON.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -28,22 +34,28 @@ from tensorfold.runtime.tvm_engine import prepare_local
 from tensorfold.targets.registry import host_cpu
 
 THREADS = 2
-LOWERINGS = ("nchw", "per-conv", "blocked")
+BUILDS = ("fp32", "nchw", "per-conv", "blocked")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("block", "resnet18"), default="block")
+    parser.add_argument("--builds", default=",".join(BUILDS), help=f"TVM builds among {', '.join(BUILDS)}")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                        help="also time this artifact folder (built earlier) under NAME")
     parser.add_argument("--trials", type=int, default=48, help="MetaSchedule trials per TVM build")
     parser.add_argument("--further", action="store_true", help="spend --trials again on tasks already tuned")
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=56)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--tuning-dir", help="databases (one per build) are kept here; default: a temp folder")
+    parser.add_argument("--work-dir", help="keep the artifacts here (default: a temp folder)")
+    parser.add_argument("--json", help="write the results here")
     return parser
 
 
 def block_graphs(channels: int, size: int):
-    """(fp32 graph, int8 QDQ graph, an input) for conv3x3 -> relu -> conv3x3, calibrated on uniform [0, 1)."""
+    """(torch module, fp32 graph, int8 QDQ graph, an input) for conv3x3 -> relu -> conv3x3, calibrated on uniform [0, 1)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(channels, channels, 3, padding=1)).eval()
@@ -51,7 +63,39 @@ def block_graphs(channels: int, size: int):
     rng = np.random.default_rng(0)
     calibration = [rng.random((1, channels, size, size), dtype=np.float32) for _ in range(4)]
     int8, _ = tf.compress(graph, "int8", calibration=calibration)
-    return graph, int8, calibration[0]
+    return net, graph, int8, calibration[0]
+
+
+def resnet18_graphs(size: int):
+    """(torch module, fp32 graph, int8 QDQ graph, an input) for torchvision's ResNet-18, random weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    graph, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, size, size)), "fold_bn")
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((4, 3, size, size)).astype(np.float32) for _ in range(4)]
+    int8, _ = tf.compress(graph, "int8", calibration=calibration)
+    return net, graph, int8, calibration[0][:1]
+
+
+def conv_gops(module: torch.nn.Module, x: np.ndarray) -> float:
+    """Multiply-adds x 2 of the convs and linears of `module` on `x`."""
+    macs = 0
+
+    def count(module, _, out):
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv2d):
+            macs += out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            macs += out.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()]
+    with torch.no_grad():
+        module(torch.from_numpy(x))
+    for hook in hooks:
+        hook.remove()
+    return 2 * macs / 1e9
 
 
 def _onnx_runners(graph, int8, x, work: str) -> dict:
@@ -78,21 +122,42 @@ def _onnx_runners(graph, int8, x, work: str) -> dict:
 
 def main() -> None:
     args = build_parser().parse_args()
-    work = tempfile.mkdtemp(prefix="tensorfold-int8-layouts-")
+    work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-int8-layouts-")
     tuning_dir = args.tuning_dir or os.path.join(work, "tuning")
-    graph, int8, x = block_graphs(args.channels, args.size)
+    if args.model == "resnet18":
+        net, graph, int8, x = resnet18_graphs(args.size)
+        what = f"ResNet-18 (random weights), {args.size}x{args.size}, batch 1"
+    else:
+        net, graph, int8, x = block_graphs(args.channels, args.size)
+        what = f"conv3x3 -> relu -> conv3x3, {args.channels} channels, {args.size}x{args.size}, batch 1"
+    gops = conv_gops(net, x)
     runners = _onnx_runners(graph, int8, x, work)
-    builds = [("TVM fp32", graph, "per-conv")] + [(f"TVM int8 {lowering}", int8, lowering) for lowering in LOWERINGS]
-    for name, g, lowering in builds:
+    builds = [b.strip() for b in args.builds.split(",") if b.strip()]
+    unknown = sorted(set(builds) - set(BUILDS))
+    if unknown:
+        raise SystemExit(f"--builds: unknown {', '.join(unknown)}; choose among {', '.join(BUILDS)}")
+    tunings = {}
+    for build in builds:
+        name, g = ("TVM fp32", graph) if build == "fp32" else (f"TVM int8 {build}", int8)
         started = time.perf_counter()
         key = name.replace(" ", "-")
         built = tf.build(g, "x86", os.path.join(work, key), tune_trials=args.trials, tune_further=args.further,
-                         tuning_db=os.path.join(tuning_dir, key), progress=False, int8_network=lowering)
+                         tuning_db=os.path.join(tuning_dir, key), progress=False,
+                         int8_network="per-conv" if build == "fp32" else build)
         lowered = built.manifest.get("int8") or {}
-        print(f"{name}: built in {time.perf_counter() - started:.0f} s, {built.manifest['tuning']['trials_spent']} "
-              f"trials; dot product {lowered.get('dot_product')}; tensorized {len(lowered.get('tensorized_kernels', []))}",
-              flush=True)
+        tuning = built.manifest["tuning"]
+        tunings[name] = {"trials": tuning["trials_spent"], "tasks": len(tuning["tasks"]),
+                         "fixed_schedules": len(tuning.get("fixed", [])), "untuned": len(tuning["untuned"]),
+                         "tuning_seconds": tuning["seconds"]}
+        print(f"{name}: built in {time.perf_counter() - started:.0f} s, {tuning['trials_spent']} trials over "
+              f"{len(tuning['tasks'])} tasks ({len(tuning['untuned'])} untuned), {len(tuning.get('fixed', []))} "
+              f"data-movement kernels with a fixed schedule; dot product {lowered.get('dot_product')}; tensorized "
+              f"{len(lowered.get('tensorized_kernels', []))}", flush=True)
         runner = prepare_local(built.path, THREADS)
+        runners[name] = lambda r=runner: r({r.input_names[0]: x})
+    for extra in args.extra:
+        name, _, path = extra.partition("=")
+        runner = prepare_local(path, THREADS)
         runners[name] = lambda r=runner: r({r.input_names[0]: x})
 
     times = {name: [] for name in runners}
@@ -102,15 +167,23 @@ def main() -> None:
             started = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - started)
-    gops = 2 * 2 * args.channels ** 2 * 9 * args.size ** 2 / 1e9  # two convs, a multiply-add = 2 ops
+    if not args.rounds:
+        return
     base = np.median(times["onnxruntime fp32"])
-    print(f"\nconv3x3 -> relu -> conv3x3, {args.channels} channels, {args.size}x{args.size}, batch 1, {THREADS} threads; "
-          f"TVM {args.trials} trials per build{' (further)' if args.further else ''}; {args.rounds} interleaved rounds")
+    print(f"\n{what}, {THREADS} threads; TVM {args.trials} trials per build{' (further)' if args.further else ''}; "
+          f"{args.rounds} interleaved rounds")
     print(f"CPU: {host_cpu()}\n")
     print("| engine | median | GOP/s | vs onnxruntime fp32 |\n| --- | --- | --- | --- |")
+    rows = []
     for name, values in times.items():
         ms = float(np.median(values)) * 1e3
+        rows.append({"engine": name, "median_ms": round(ms, 4), "gops": round(gops / ms * 1e3, 1),
+                     "vs_onnxruntime_fp32": round(base * 1e3 / ms, 3), **tunings.get(name, {})})
         print(f"| {name} | {ms:.2f} ms | {gops / ms * 1e3:.0f} | {base * 1e3 / ms:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": what, "cpu": host_cpu(), "threads": THREADS, "trials": args.trials,
+                       "rounds": args.rounds, "conv_gop": round(gops, 4), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
