@@ -193,7 +193,8 @@ class _Deploy:
                     selection, recipe, compressed, compress_report, key = self.corrected(
                         original, folded, table, selection, recipe, compressed, compress_report, key)
                 tuned, key = self.finetuned(compressed, folded, key, recipe)
-                final, int8, key = self.int8(tuned, key, recipe)
+                unchanged = all(c == "original" for c in selection["choices"].values()) and tuned is compressed
+                final, int8, key = self.int8(tuned, key, recipe, unchanged=unchanged)
                 realized = _int8_gain(int8)
                 if attempt or self.int8_gain <= 1.0 or realized >= INT8_GAIN_KEPT * self.int8_gain:
                     break
@@ -292,7 +293,9 @@ class _Deploy:
             quantized, _ = tf.compress(folded, "int8", calibration=plan["feeds"])
             decision = self._int8_pays(folded, quantized)
         decision["gain"] = _int8_gain(decision)
-        self.stages.save("int8_first", key, decision)
+        # the quantized original is kept: when no layer is factorized, the int8 stage reuses it and this decision
+        files = [self.stages.save_graph("int8_first", quantized)] if decision["int8"] else []
+        self.stages.save("int8_first", key, decision, files)
         if decision["int8"]:
             self.say(f"int8 on the original: {decision['gain']:.2f}x; the factors are asked for the rest")
         return decision
@@ -430,7 +433,9 @@ class _Deploy:
         self.stages.save("finetuned", key, {"summary": json.loads(json.dumps(report.summary, default=str))}, files)
         return self.stages.load_graph("finetuned"), key
 
-    def int8(self, graph: Graph, key: str, recipe: Recipe):
+    def int8(self, graph: Graph, key: str, recipe: Recipe, unchanged: bool = False):
+        """unchanged: `graph` computes what the original int8_first decided on (no layer replaced or
+        fine-tuned), so that decision and its quantized graph are reused instead of timed again."""
         import tensorfold as tf
 
         plan = self.plan
@@ -449,6 +454,13 @@ class _Deploy:
             decision = {"int8": False, "reason": f"int8 is not built for {self.target.name} here"}
         elif self.first is not None and not self.first["int8"]:
             decision = {"int8": False, "reason": f"not kept on the original: {self.first['reason']}"}
+        elif unchanged and self.first is not None and os.path.isfile(self.stages.path("int8_first", ".onnx")):
+            # nothing was factorized or fine-tuned: the decision on the original is this graph's
+            self.say("int8: no layer changed since the decision on the original; reusing it")
+            decision = {k: v for k, v in self.first.items() if k not in ("gain", "shortfall")}
+            decision["reason"] += " (decided on the original: no layer was changed)"
+            self.stages.save("int8", key, decision, [self.stages.save_graph("int8", self.stages.load_graph("int8_first"))])
+            return self.stages.load_graph("int8"), decision, key
         else:
             decision = None
         quantized = None

@@ -294,12 +294,15 @@ def test_int8_is_decided_on_the_original_first_and_the_factors_are_asked_only_fo
 def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatch):
     root, _ = env
     checked = _scripted_checks(monkeypatch, [0.95] * 3)
-    _scripted_int8(monkeypatch, [2.5])
+    asked = _scripted_int8(monkeypatch, [2.5])
     result = deploy(_conv_graph(), "x86", root / "int8-alone", speedup=2.0, calibration=_calibration(),
                     rounds=ROUNDS, progress=False)
     assert set(result.report["selection"]["choices"].values()) == {"original"}
     assert checked == []  # nothing replaced: no whole-model check of a factorized model
     assert result.report["int8"]["int8"] and result.report["selection"]["total_error"] == 0
+    # the model int8 is applied to is the original it was decided on: timed once, not twice
+    assert len(asked) == 1 and "decided on the original" in result.report["int8"]["reason"]
+    assert result.report["int8"]["int8_ms"] == pytest.approx(1 / 2.5)
 
 
 def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch):
