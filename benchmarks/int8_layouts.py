@@ -14,8 +14,11 @@ median, GOP/s of the two convolutions, and the ratio to onnxruntime fp32.
     python benchmarks/int8_layouts.py --trials 48
     python benchmarks/int8_layouts.py --trials 200 --further --tuning-dir /tmp/int8-layouts   # tune more
     python benchmarks/int8_layouts.py --model resnet18 --size 224 --builds per-conv,blocked --trials 150
+    python benchmarks/int8_layouts.py --model resnet18 --size 224 --weights planted \
+        --passes "fold_bn, tucker2(rank=evbmf)" --builds per-conv --trials 300     # factorized, then int8
 
---builds picks among fp32, nchw, per-conv and blocked; --extra NAME=DIR times artifacts built before
+The GOP/s column counts the convs of the model as given (before --passes; for a factorized model, read
+it as the original's work per second). --builds picks among fp32, nchw, per-conv and blocked; --extra NAME=DIR times artifacts built before
 (e.g. by another version of tensorfold) in the same run; --json writes the table as JSON.
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builds", default=",".join(BUILDS), help=f"TVM builds among {', '.join(BUILDS)}")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
                         help="also time this artifact folder (built earlier) under NAME")
+    parser.add_argument("--passes", default="fold_bn", help="resnet18: the pipeline before int8")
+    parser.add_argument("--weights", choices=("random", "planted"), default="random", help="resnet18's weights")
     parser.add_argument("--trials", type=int, default=48, help="MetaSchedule trials per TVM build")
     parser.add_argument("--further", action="store_true", help="spend --trials again on tasks already tuned")
     parser.add_argument("--channels", type=int, default=64)
@@ -66,13 +71,18 @@ def block_graphs(channels: int, size: int):
     return net, graph, int8, calibration[0]
 
 
-def resnet18_graphs(size: int):
-    """(torch module, fp32 graph, int8 QDQ graph, an input) for torchvision's ResNet-18, random weights."""
+def resnet18_graphs(size: int, passes: str = "fold_bn", planted: bool = False):
+    """(torch module, fp32 graph after `passes`, int8 QDQ graph, an input) for torchvision's ResNet-18, random
+    weights (planted: each conv given the low-rank structure of decompose.py, so EVBMF has ranks to find)."""
     import torchvision
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None).eval()
-    graph, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, size, size)), "fold_bn")
+    if planted:
+        from decompose import plant_low_rank
+
+        plant_low_rank(net)
+    graph, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, size, size)), passes)
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((4, 3, size, size)).astype(np.float32) for _ in range(4)]
     int8, _ = tf.compress(graph, "int8", calibration=calibration)
@@ -98,11 +108,13 @@ def conv_gops(module: torch.nn.Module, x: np.ndarray) -> float:
     return 2 * macs / 1e9
 
 
-def _onnx_runners(graph, int8, x, work: str) -> dict:
+def _onnx_runners(graph, int8, x, work: str, original=None) -> dict:
+    """onnxruntime and OpenVINO on the fp32 and int8 graphs (and on `original`, the model before --passes)."""
     import onnxruntime as ort
 
     runners = {}
-    for name, g in (("fp32", graph), ("int8", int8)):
+    graphs = [("fp32", graph), ("int8", int8)] + ([("fp32 original", original)] if original is not None else [])
+    for name, g in graphs:
         path = os.path.join(work, f"{name}.onnx")
         g.save(path)
         options = ort.SessionOptions()
@@ -125,13 +137,16 @@ def main() -> None:
     work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-int8-layouts-")
     tuning_dir = args.tuning_dir or os.path.join(work, "tuning")
     if args.model == "resnet18":
-        net, graph, int8, x = resnet18_graphs(args.size)
-        what = f"ResNet-18 (random weights), {args.size}x{args.size}, batch 1"
+        net, graph, int8, x = resnet18_graphs(args.size, args.passes, args.weights == "planted")
+        what = f"ResNet-18 ({args.weights} weights, {args.passes}), {args.size}x{args.size}, batch 1"
     else:
         net, graph, int8, x = block_graphs(args.channels, args.size)
         what = f"conv3x3 -> relu -> conv3x3, {args.channels} channels, {args.size}x{args.size}, batch 1"
     gops = conv_gops(net, x)
-    runners = _onnx_runners(graph, int8, x, work)
+    original = None
+    if args.model == "resnet18" and args.passes.replace(" ", "") != "fold_bn":
+        original, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, args.size, args.size)), "fold_bn")
+    runners = _onnx_runners(graph, int8, x, work, original)
     builds = [b.strip() for b in args.builds.split(",") if b.strip()]
     unknown = sorted(set(builds) - set(BUILDS))
     if unknown:
