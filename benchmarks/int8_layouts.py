@@ -135,6 +135,7 @@ def _onnx_runners(graph, int8, x, work: str, original=None) -> dict:
 def main() -> None:
     args = build_parser().parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-int8-layouts-")
+    os.makedirs(work, exist_ok=True)
     tuning_dir = args.tuning_dir or os.path.join(work, "tuning")
     if args.model == "resnet18":
         net, graph, int8, x = resnet18_graphs(args.size, args.passes, args.weights == "planted")
