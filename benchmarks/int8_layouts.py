@@ -5,9 +5,9 @@ minutes, large enough that the convolutions dominate; `--model resnet18` takes t
 (random weights, calibrated on 4 random-normal batches). It is built for x86 four ways, each tuned with
 --trials MetaSchedule trials from its own database (in --tuning-dir, reused; --further spends the trials
 again on every task): fp32; int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
-the bytes); "per-conv" (the default: each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
+the bytes); "per-conv" (each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
 AVX2 `vpmaddwd` on s16 or AArch64 `sdot`); and "blocked" (activations kept blocked between convs,
-fixed-point requantization). onnxruntime and OpenVINO run the same fp32 and QDQ int8 ONNX files. All
+fixed-point requantization; the default where the CPU has VNNI or AMX). onnxruntime and OpenVINO run the same fp32 and QDQ int8 ONNX files. All
 engines are timed interleaved in one run (2 threads, a pause between runners); the table gives the
 median, GOP/s of the two convolutions, and the ratio to onnxruntime fp32.
 

@@ -20,7 +20,7 @@ from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
 from .frontend import to_relax
 from .int8.amx import AMX, amx_kernels, target_has_amx
 from .int8.instructions import census
-from .int8.layout import dot_layout_for, tensorized_kernels
+from .int8.layout import VNNI, dot_layout_for, tensorized_kernels
 from .int8.layout import legalize as legalize_int8_layout
 from .int8.relax import has_qdq, int8_kernels, lower_qdq
 from .linking import check_toolchain, export
@@ -42,10 +42,12 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     int8_network (QDQ graphs): "per-conv" converts each blocked conv's input and output layout and
     requantizes in float; "blocked" requantizes in fixed point and keeps activations in the blocked
     layout between convs (one layout change in, one out). "auto" (default): "blocked" where the target
-    has AMX, "per-conv" elsewhere. Measured on ResNet-18 at 150 trials (README, int8): on a Zen 4 (VNNI)
-    "blocked" is slower (its re-blocking kernels tune poorly and its fused epilogues make every conv a
-    task of its own); on a Xeon with AMX, whose conv kernel is fixed, "per-conv" spends twice the
-    blocked network's time in the transposes around the convs. "nchw" uses no blocked layout
+    has VNNI or AMX, "per-conv" elsewhere (AVX2's s16 pairs, AArch64's sdot: not measured better there).
+    Measured on ResNet-18 at 150 trials (README, int8): on a Zen 4 (VNNI), once the data-movement
+    kernels got their fixed schedule (tuning/injective.py), "blocked" ran 7.43 ms against per-conv's
+    7.64 back to back (13.8 against 16.1 ms single calls), its kernels between the convs 0.8 ms against
+    2.4; on a Xeon with AMX, whose conv kernel is fixed, "per-conv" spends twice the blocked network's
+    time in the transposes around the convs. "nchw" uses no blocked layout
     (what a CPU without a dot product gets: LLVM's vectoriser widens the bytes), to measure what the
     layout buys (benchmarks/int8_layouts.py).
     """
@@ -67,7 +69,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         dot_layout = dot_layout_for(target.tvm_target) if int8_network != "nchw" else None
         tiles = AMX if dot_layout is not None and target_has_amx(target.tvm_target) else None
         if int8_network == "auto":
-            int8_network = "blocked" if tiles is not None else "per-conv"
+            int8_network = "blocked" if tiles is not None or dot_layout is VNNI else "per-conv"
         mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked", tiles=tiles)
         int8.network = int8_network
     prepack = target.tvm_target["kind"] == "llvm"

@@ -20,7 +20,7 @@ def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_tri
     of (0: none; records already there are still used). `tuning_db`: the database folder
     (default `~/.cache/tensorfold/tuning/<target key>/`). `tune_further`: spend the trials on
     every workload, tuned ones too, starting from their best records. `int8_network` (QDQ graphs on a
-    dot-product CPU): "auto" (blocked with AMX, else per-conv), "per-conv", "blocked" or "nchw"
+    dot-product CPU): "auto" (blocked with VNNI or AMX, else per-conv), "per-conv", "blocked" or "nchw"
     (targets/build.py says what each does). Returns the Artifact (folder +
     manifest); `artifact.load()` runs it in this process when the target is local.
     """
