@@ -18,8 +18,10 @@ median, GOP/s of the two convolutions, and the ratio to onnxruntime fp32.
         --passes "fold_bn, tucker2(rank=evbmf)" --builds per-conv --trials 300     # factorized, then int8
 
 The GOP/s column counts the convs of the model as given (before --passes; for a factorized model, read
-it as the original's work per second). --builds picks among fp32, nchw, per-conv and blocked; --extra NAME=DIR times artifacts built before
-(e.g. by another version of tensorfold) in the same run; --json writes the table as JSON.
+it as the original's work per second). --calls 5 --pause 0 times the steady state (5 calls back to back
+per round). --builds picks among fp32, nchw, per-conv and blocked (an empty --builds times --extra only);
+--extra NAME=DIR times artifacts built before (e.g. by another version of tensorfold) in the same run;
+--json writes the table as JSON.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=56)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=1,
+                        help="consecutive calls per engine and round (their median counts): > 1 for the steady state")
+    parser.add_argument("--pause", type=float, default=0.1, help="seconds between engines")
     parser.add_argument("--tuning-dir", help="databases (one per build) are kept here; default: a temp folder")
     parser.add_argument("--work-dir", help="keep the artifacts here (default: a temp folder)")
     parser.add_argument("--json", help="write the results here")
@@ -179,15 +184,20 @@ def main() -> None:
     times = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
-            time.sleep(0.1)  # the previous engine's spinning threads settle
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+            time.sleep(args.pause)  # the previous engine's spinning threads settle
+            calls = []
+            for _ in range(args.calls):
+                started = time.perf_counter()
+                run()
+                calls.append(time.perf_counter() - started)
+            times[name].append(float(np.median(calls)))
     if not args.rounds:
         return
     base = np.median(times["onnxruntime fp32"])
-    print(f"\n{what}, {THREADS} threads; TVM {args.trials} trials per build{' (further)' if args.further else ''}; "
-          f"{args.rounds} interleaved rounds")
+    print(f"\n{what}, {THREADS} threads; "
+          + (f"TVM {args.trials} trials per build{' (further)' if args.further else ''}; " if builds
+             else "TVM: the --extra artifacts; ")
+          + f"{args.rounds} interleaved rounds of {args.calls} call(s) after a {args.pause:g} s pause")
     print(f"CPU: {host_cpu()}\n")
     print("| engine | median | GOP/s | vs onnxruntime fp32 |\n| --- | --- | --- | --- |")
     rows = []
@@ -199,7 +209,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": what, "cpu": host_cpu(), "threads": THREADS, "trials": args.trials,
-                       "rounds": args.rounds, "conv_gop": round(gops, 4), "rows": rows}, f, indent=2)
+                       "rounds": args.rounds, "calls": args.calls, "pause_s": args.pause, "conv_gop": round(gops, 4), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

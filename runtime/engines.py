@@ -64,6 +64,18 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def tvm_threads_default() -> int:
+    """Size TVM's CPU thread pool to the physical cores, unless TVM_NUM_THREADS says otherwise; returns it.
+
+    Without TVM_NUM_THREADS, TVM's pool takes half of `hardware_concurrency()` on x86 (it assumes two SMT
+    threads per core). On a VM whose vCPUs are whole cores that halves the threads: on these 2-vCPU
+    machines `runtime.NumThreads()` is 1, and every tuned kernel ran on one core. The pool reads the
+    variable once, when it starts, so this is called before TVM runs anything parallel (tuning, loading
+    an artifact)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
 def onnx_bytes(graph) -> bytes:
     """The candidate as a serialized ONNX model (a torch graph exported first), for the engines that load ONNX."""
     if graph is None:

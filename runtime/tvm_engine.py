@@ -78,6 +78,9 @@ def prepare_local(artifact_dir: str, threads: int) -> Runner:
     import tvm
     from tvm import relax
 
+    from .engines import tvm_threads_default
+
+    tvm_threads_default()  # before TVM's thread pool starts (it would take one core on a 2-vCPU VM)
     manifest = _manifest(artifact_dir)
     target = manifest["target"]
     if target["link"] != "local-cc" and not (target["device"] == "cuda" and tvm.cuda(0).exist):

@@ -127,6 +127,10 @@ def load_artifact(path: str, device: Any = None) -> LoadedModel:
     """Load an artifact folder for running in this process (`device`: a tvm device, default per target)."""
     import tvm
 
+    from tensorfold.runtime.engines import tvm_threads_default
+
+    tvm_threads_default()  # before TVM's thread pool starts (it would take one core on a 2-vCPU VM)
+
     artifact = Artifact.open(path)
     target = artifact.manifest["target"]
     if target["link"] == "tar":

@@ -77,6 +77,9 @@ def tune(mod, target: Target, database_dir: str, trials: int, work_dir: str, pro
     """
     import tvm.s_tir.meta_schedule as ms
 
+    from tensorfold.runtime.engines import tvm_threads_default
+
+    tvm_threads_default()  # the runner's workers inherit it: candidates are timed on every core
     tvm_target = target.tvm()
     mod, fixed = schedule_injective(mod, target.tvm_target)
     # the AMX conv (int8/amx.py) and the data-movement kernels have fixed schedules: nothing to tune or replay
