@@ -44,8 +44,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     layout between convs (one layout change in, one out). "auto" (default): "blocked" where the target
     has VNNI or AMX, "per-conv" elsewhere (AVX2's s16 pairs, AArch64's sdot: not measured better there).
     Measured on ResNet-18 at 150 trials (README, int8): on a Zen 4 (VNNI), once the data-movement
-    kernels got their fixed schedule (tuning/injective.py), "blocked" ran 7.43 ms against per-conv's
-    7.64 back to back (13.8 against 16.1 ms single calls), its kernels between the convs 0.8 ms against
+    kernels got their fixed schedule (tuning/injective.py), "blocked" ran 6.70 ms against per-conv's
+    7.43 back to back (7.49 against 8.00 ms single calls), its kernels between the convs 0.8 ms against
     2.4; on a Xeon with AMX, whose conv kernel is fixed, "per-conv" spends twice the blocked network's
     time in the transposes around the convs. "nchw" uses no blocked layout
     (what a CPU without a dot product gets: LLVM's vectoriser widens the bytes), to measure what the
