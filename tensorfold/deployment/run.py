@@ -446,6 +446,7 @@ class _Deploy:
         if stored is not None:
             self.say("int8 decision: reused from stages/")
             return (self.stages.load_graph("int8") if stored["int8"] else graph), stored, key
+        quantized = None
         if plan["feeds"] is None:
             decision = {"int8": False, "reason": "no calibration data (--calibration)"}
         elif fixed is not None:
@@ -459,12 +460,10 @@ class _Deploy:
             self.say("int8: no layer changed since the decision on the original; reusing it")
             decision = {k: v for k, v in self.first.items() if k not in ("gain", "shortfall")}
             decision["reason"] += " (decided on the original: no layer was changed)"
-            self.stages.save("int8", key, decision, [self.stages.save_graph("int8", self.stages.load_graph("int8_first"))])
-            return self.stages.load_graph("int8"), decision, key
+            quantized = self.stages.load_graph("int8_first")
         else:
             decision = None
-        quantized = None
-        if decision is None or decision["int8"]:
+        if quantized is None and (decision is None or decision["int8"]):
             self.say("int8: quantizing on the calibration data")
             quantized, _ = tf.compress(graph, "int8", calibration=plan["feeds"])
         if decision is None:
