@@ -2,9 +2,10 @@
 
 The block is conv3x3 -> relu -> conv3x3 (C -> C channels, S x S, batch 1): small enough to tune in
 minutes, large enough that the convolutions dominate; `--model resnet18` takes torchvision's ResNet-18
-(random weights, calibrated on 4 random-normal batches). It is built for x86 four ways, each tuned with
+(`--model mobilenet_v2` its MobileNet-v2; random weights, calibrated on 4 random-normal batches). It is built for x86 five ways, each tuned with
 --trials MetaSchedule trials from its own database (in --tuning-dir, reused; --further spends the trials
-again on every task): fp32; int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
+again on every task): fp32 (convs in the blocked NCHW16c layout, the default on x86, targets/float_layout.py);
+fp32-nchw (convs as imported); int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
 the bytes); "per-conv" (each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
 AVX2 `vpmaddwd` on s16 or AArch64 `sdot`); and "blocked" (activations kept blocked between convs,
 fixed-point requantization; the default where the CPU has VNNI or AMX). onnxruntime and OpenVINO run the same fp32 and QDQ int8 ONNX files. All
@@ -21,6 +22,7 @@ The GOP/s column counts the convs of the model as given (before --passes; for a 
 it as the original's work per second). --calls 5 --pause 0 times the steady state (5 calls back to back
 per round). --builds picks among fp32, nchw, per-conv and blocked (an empty --builds times --extra only);
 --extra NAME=DIR times artifacts built before (e.g. by another version of tensorfold) in the same run;
+with fp32 builds alone (and no --extra) the model is not quantized and no int8 engine runs;
 --json writes the table as JSON.
 """
 from __future__ import annotations
@@ -39,17 +41,17 @@ from tensorfold.runtime.tvm_engine import prepare_local
 from tensorfold.targets.registry import host_cpu
 
 THREADS = 2
-BUILDS = ("fp32", "nchw", "per-conv", "blocked")
+BUILDS = ("fp32", "fp32-nchw", "nchw", "per-conv", "blocked")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("block", "resnet18"), default="block")
+    parser.add_argument("--model", choices=("block", "resnet18", "mobilenet_v2"), default="block")
     parser.add_argument("--builds", default=",".join(BUILDS), help=f"TVM builds among {', '.join(BUILDS)}")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
                         help="also time this artifact folder (built earlier) under NAME")
-    parser.add_argument("--passes", default="fold_bn", help="resnet18: the pipeline before int8")
-    parser.add_argument("--weights", choices=("random", "planted"), default="random", help="resnet18's weights")
+    parser.add_argument("--passes", default="fold_bn", help="torchvision models: the pipeline before int8")
+    parser.add_argument("--weights", choices=("random", "planted"), default="random", help="torchvision models' weights")
     parser.add_argument("--trials", type=int, default=48, help="MetaSchedule trials per TVM build")
     parser.add_argument("--further", action="store_true", help="spend --trials again on tasks already tuned")
     parser.add_argument("--channels", type=int, default=64)
@@ -64,25 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def block_graphs(channels: int, size: int):
-    """(torch module, fp32 graph, int8 QDQ graph, an input) for conv3x3 -> relu -> conv3x3, calibrated on uniform [0, 1)."""
+def block_graphs(channels: int, size: int, with_int8: bool = True):
+    """(torch module, fp32 graph, int8 QDQ graph or None, an input) for conv3x3 -> relu -> conv3x3, calibrated
+    on uniform [0, 1)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(channels, channels, 3, padding=1)).eval()
     graph = tf.capture(net, torch.zeros(1, channels, size, size))
     rng = np.random.default_rng(0)
     calibration = [rng.random((1, channels, size, size), dtype=np.float32) for _ in range(4)]
-    int8, _ = tf.compress(graph, "int8", calibration=calibration)
+    int8 = tf.compress(graph, "int8", calibration=calibration)[0] if with_int8 else None
     return net, graph, int8, calibration[0]
 
 
-def resnet18_graphs(size: int, passes: str = "fold_bn", planted: bool = False):
-    """(torch module, fp32 graph after `passes`, int8 QDQ graph, an input) for torchvision's ResNet-18, random
+def torchvision_graphs(arch: str, size: int, passes: str = "fold_bn", planted: bool = False, with_int8: bool = True):
+    """(torch module, fp32 graph after `passes`, int8 QDQ graph or None, an input) for torchvision's `arch`, random
     weights (planted: each conv given the low-rank structure of decompose.py, so EVBMF has ranks to find)."""
     import torchvision
 
     torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None).eval()
+    net = getattr(torchvision.models, arch)(weights=None).eval()
     if planted:
         from decompose import plant_low_rank
 
@@ -90,7 +93,7 @@ def resnet18_graphs(size: int, passes: str = "fold_bn", planted: bool = False):
     graph, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, size, size)), passes)
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((4, 3, size, size)).astype(np.float32) for _ in range(4)]
-    int8, _ = tf.compress(graph, "int8", calibration=calibration)
+    int8 = tf.compress(graph, "int8", calibration=calibration)[0] if with_int8 else None
     return net, graph, int8, calibration[0][:1]
 
 
@@ -120,6 +123,8 @@ def _onnx_runners(graph, int8, x, work: str, original=None) -> dict:
     runners = {}
     graphs = [("fp32", graph), ("int8", int8)] + ([("fp32 original", original)] if original is not None else [])
     for name, g in graphs:
+        if g is None:
+            continue
         path = os.path.join(work, f"{name}.onnx")
         g.save(path)
         options = ort.SessionOptions()
@@ -134,6 +139,10 @@ def _onnx_runners(graph, int8, x, work: str, original=None) -> dict:
         request = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": THREADS,
                                                        "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
         runners[f"OpenVINO {name} (default precision)"] = lambda r=request: r.infer({0: x})
+        if name.startswith("fp32"):  # and in f32, the precision TVM's fp32 builds compute in
+            request = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                                           "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+            runners[f"OpenVINO {name} (f32)"] = lambda r=request: r.infer({0: x})
     return runners
 
 
@@ -142,29 +151,32 @@ def main() -> None:
     work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-int8-layouts-")
     os.makedirs(work, exist_ok=True)
     tuning_dir = args.tuning_dir or os.path.join(work, "tuning")
-    if args.model == "resnet18":
-        net, graph, int8, x = resnet18_graphs(args.size, args.passes, args.weights == "planted")
-        what = f"ResNet-18 ({args.weights} weights, {args.passes}), {args.size}x{args.size}, batch 1"
-    else:
-        net, graph, int8, x = block_graphs(args.channels, args.size)
-        what = f"conv3x3 -> relu -> conv3x3, {args.channels} channels, {args.size}x{args.size}, batch 1"
-    gops = conv_gops(net, x)
-    original = None
-    if args.model == "resnet18" and args.passes.replace(" ", "") != "fold_bn":
-        original, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, args.size, args.size)), "fold_bn")
-    runners = _onnx_runners(graph, int8, x, work, original)
     builds = [b.strip() for b in args.builds.split(",") if b.strip()]
     unknown = sorted(set(builds) - set(BUILDS))
     if unknown:
         raise SystemExit(f"--builds: unknown {', '.join(unknown)}; choose among {', '.join(BUILDS)}")
+    with_int8 = bool(args.extra) or any(not b.startswith("fp32") for b in builds)  # fp32 builds alone: no int8 engines
+    if args.model != "block":
+        net, graph, int8, x = torchvision_graphs(args.model, args.size, args.passes, args.weights == "planted",
+                                                 with_int8)
+        what = f"{args.model} ({args.weights} weights, {args.passes}), {args.size}x{args.size}, batch 1"
+    else:
+        net, graph, int8, x = block_graphs(args.channels, args.size, with_int8)
+        what = f"conv3x3 -> relu -> conv3x3, {args.channels} channels, {args.size}x{args.size}, batch 1"
+    gops = conv_gops(net, x)
+    original = None
+    if args.model != "block" and args.passes.replace(" ", "") != "fold_bn":
+        original, _ = tf.compress(tf.capture(net, torch.zeros(1, 3, args.size, args.size)), "fold_bn")
+    runners = _onnx_runners(graph, int8, x, work, original)
     tunings = {}
     for build in builds:
-        name, g = ("TVM fp32", graph) if build == "fp32" else (f"TVM int8 {build}", int8)
+        name, g = (f"TVM {build}", graph) if build.startswith("fp32") else (f"TVM int8 {build}", int8)
         started = time.perf_counter()
         key = name.replace(" ", "-")
         built = tf.build(g, "x86", os.path.join(work, key), tune_trials=args.trials, tune_further=args.further,
                          tuning_db=os.path.join(tuning_dir, key), progress=False,
-                         int8_network="per-conv" if build == "fp32" else build)
+                         int8_network="per-conv" if build.startswith("fp32") else build,
+                         float_network="nchw" if build == "fp32-nchw" else "auto")
         lowered = built.manifest.get("int8") or {}
         tuning = built.manifest["tuning"]
         tunings[name] = {"trials": tuning["trials_spent"], "tasks": len(tuning["tasks"]),

@@ -17,6 +17,7 @@ from typing import Any
 from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
+from .float_layout import block_convs, lanes_for
 from .frontend import to_relax
 from .int8.amx import AMX, amx_kernels, target_has_amx
 from .int8.instructions import census
@@ -29,10 +30,12 @@ from .tuning.tune import TuningSummary, default_database_dir, tune
 
 
 INT8_NETWORKS = ("auto", "per-conv", "blocked", "nchw")
+FLOAT_NETWORKS = ("auto", "blocked", "nchw")
 
 
 def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
-          progress: bool = True, tune_further: bool = False, int8_network: str = "auto") -> Artifact:
+          progress: bool = True, tune_further: bool = False, int8_network: str = "auto",
+          float_network: str = "auto") -> Artifact:
     """Compile `graph` for `target` into the folder `out_dir` (see artifact.py for its layout).
 
     tune_trials: MetaSchedule trial budget for the tasks the tuning database lacks (0: no
@@ -50,9 +53,14 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     time in the transposes around the convs. "nchw" uses no blocked layout
     (what a CPU without a dot product gets: LLVM's vectoriser widens the bytes), to measure what the
     layout buys (benchmarks/int8_layouts.py).
+    float_network (fp32 convs of a graph without QDQ): "blocked" runs groups=1 convs in NCHW{lanes}c with the layout kept
+    between them (float_layout.py); "nchw" leaves them as imported. "auto" (default): "blocked" on x86
+    (16 lanes with AVX-512, 8 with AVX2), "nchw" elsewhere.
     """
     if int8_network not in INT8_NETWORKS:
         raise BuildError(f"int8_network={int8_network!r}; expected one of {', '.join(INT8_NETWORKS)}")
+    if float_network not in FLOAT_NETWORKS:
+        raise BuildError(f"float_network={float_network!r}; expected one of {', '.join(FLOAT_NETWORKS)}")
     target = get_target(target)
     if tune_trials < 0:
         raise BuildError(f"tune_trials must be >= 0, got {tune_trials}")
@@ -72,6 +80,10 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
             int8_network = "blocked" if tiles is not None or dot_layout is VNNI else "per-conv"
         mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked", tiles=tiles)
         int8.network = int8_network
+    float_blocked = 0
+    lanes = lanes_for(target.tvm_target) if float_network != "nchw" and int8 is None else None
+    if lanes is not None:
+        mod, float_blocked = _block_float_convs(mod, lanes, target)
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
@@ -100,6 +112,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         "weights": "embedded in the library as constants",
         "prepacked_weights": prepacked is not None and _has_prepacked_kernels(mod),
         "int8": int8.to_json() if int8 is not None else None,
+        "float_convs_blocked": {"lanes": lanes, "convs": float_blocked} if float_blocked else None,
         "tuning": {**tuning.to_json(), "log_dir": _relative(tuning.log_dir, out_dir)},
         "versions": _versions(),
         "build_seconds": round(time.perf_counter() - started, 2),
@@ -139,6 +152,14 @@ def _prepare(mod, target: Target, prepack: bool):
             return tvm.transform.Sequential(passes)(mod)
     except Exception as e:  # noqa: BLE001
         raise BuildError(f"lowering the model for {target.name} failed: {type(e).__name__}: {e}") from e
+
+
+def _block_float_convs(mod, lanes: int, target: Target):
+    try:
+        with target.tvm():
+            return block_convs(mod, lanes)
+    except Exception as e:  # noqa: BLE001
+        raise BuildError(f"blocking the fp32 convs for {target.name} failed: {type(e).__name__}: {e}") from e
 
 
 def _prepack(mod, target: Target):

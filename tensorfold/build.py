@@ -12,7 +12,8 @@ from tensorfold.targets import build as _build_graph
 
 def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_trials: int = 0,
           tuning_db: str | os.PathLike | None = None, progress: bool = True,
-          example_inputs: Any = None, tune_further: bool = False, int8_network: str = "auto") -> Artifact:
+          example_inputs: Any = None, tune_further: bool = False, int8_network: str = "auto",
+          float_network: str = "auto") -> Artifact:
     """Compile for `target` ("x86", "x86:znver4", "cuda:sm_80", "arm64", "android-arm64") into `out_dir`.
 
     `graph`: a tensorfold Graph, an `.onnx` path, or a torch module with `example_inputs`.
@@ -21,7 +22,8 @@ def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_tri
     (default `~/.cache/tensorfold/tuning/<target key>/`). `tune_further`: spend the trials on
     every workload, tuned ones too, starting from their best records. `int8_network` (QDQ graphs on a
     dot-product CPU): "auto" (blocked with VNNI or AMX, else per-conv), "per-conv", "blocked" or "nchw"
-    (targets/build.py says what each does). Returns the Artifact (folder +
+    (targets/build.py says what each does). `float_network` (fp32 convs): "auto" (blocked on x86),
+    "blocked" or "nchw". Returns the Artifact (folder +
     manifest); `artifact.load()` runs it in this process when the target is local.
     """
     if isinstance(graph, (str, os.PathLike)):
@@ -32,4 +34,5 @@ def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_tri
         graph = capture(graph, example_inputs)
     return _build_graph(graph, target, os.fspath(out_dir), tune_trials=tune_trials,
                         tuning_db=None if tuning_db is None else os.fspath(tuning_db), progress=progress,
-                        tune_further=tune_further, int8_network=int8_network)
+                        tune_further=tune_further, int8_network=int8_network,
+                        float_network=float_network)

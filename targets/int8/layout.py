@@ -206,9 +206,7 @@ def legalize():
 
 
 def legalize_conv2d(bb, call):
-    """TE compute for a blocked int8 conv2d (see module doc); other conv2d calls: TVM's own."""
-    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
-
+    """TE compute for a blocked int8 conv2d (see module doc); other conv2d calls: float_layout's or TVM's own."""
     attrs = call.attrs
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
@@ -217,7 +215,9 @@ def legalize_conv2d(bb, call):
 
         if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == (AMX.data, AMX.kernel, AMX.out):
             return amx_conv2d(bb, call)
-        return _nn_conv2d(bb, call)
+        from ..float_layout import legalize_conv2d as float_conv2d
+
+        return float_conv2d(bb, call)  # a blocked fp32 conv2d, else TVM's own
     strides = [int(s) for s in attrs.strides]
     dilation = [int(d) for d in attrs.dilation]
     return bb.call_te(_conv2d_blocked_te, call.args[0], call.args[1], strides, dilation,
