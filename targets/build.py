@@ -81,10 +81,10 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
             int8_network = "blocked" if tiles is not None or dot_layout is VNNI else "per-conv"
         mod, int8 = lower_qdq(mod, dot_layout, fixed_point=int8_network == "blocked", tiles=tiles)
         int8.network = int8_network
-    float_blocked = 0
+    float_blocked, float_fallback = 0, None
     lanes = lanes_for(target.tvm_target) if float_network != "nchw" and int8 is None else None
     if lanes is not None:
-        mod, float_blocked = _block_float_convs(mod, lanes, target)
+        mod, float_blocked, float_fallback = _block_float_convs(mod, lanes, target)
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
@@ -113,7 +113,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         "weights": "embedded in the library as constants",
         "prepacked_weights": prepacked is not None and _has_prepacked_kernels(mod),
         "int8": int8.to_json() if int8 is not None else None,
-        "float_convs_blocked": {"lanes": lanes, "convs": float_blocked} if float_blocked else None,
+        "float_convs_blocked": ({"lanes": lanes, "convs": float_blocked} if float_blocked else
+                                {"lanes": lanes, "convs": 0, "kept_nchw": float_fallback} if float_fallback else None),
         "tuning": {**tuning.to_json(), "log_dir": _relative(tuning.log_dir, out_dir)},
         "versions": _versions(),
         "build_seconds": round(time.perf_counter() - started, 2),
@@ -156,11 +157,14 @@ def _prepare(mod, target: Target, prepack: bool):
 
 
 def _block_float_convs(mod, lanes: int, target: Target):
+    """(module, blocked convs, why they were kept in NCHW or None). The blocked layout is an optimization:
+    where TVM's layout conversion fails on some op of the graph, the build goes on with the NCHW graph and
+    the manifest says why."""
     try:
         with target.tvm():
-            return block_convs(mod, lanes)
+            return (*block_convs(mod, lanes), None)
     except Exception as e:  # noqa: BLE001
-        raise BuildError(f"blocking the fp32 convs for {target.name} failed: {type(e).__name__}: {e}") from e
+        return mod, 0, f"TVM's ConvertLayout failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def _prepack(mod, target: Target):

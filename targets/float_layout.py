@@ -58,6 +58,8 @@ def block_convs(mod, lanes: int):
         layouts = _blocked_layouts(call, lanes) or [attrs.data_layout, attrs.kernel_layout, attrs.out_layout]
         return {"relax.nn.conv2d": layouts}
 
+    if not _has_blockable_conv(mod, lanes):  # nothing to gain (and ConvertLayout failed on topk here)
+        return mod, 0
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),  # batch_norm has no blocked form; its arithmetic does
         relax.transform.CanonicalizeBindings(),
@@ -66,6 +68,22 @@ def block_convs(mod, lanes: int):
         relax.transform.EliminateCommonSubexpr(),    # one layout change per value, however many readers
         relax.transform.FoldConstant()])(mod)
     return mod, _count_blocked(mod)
+
+
+def _has_blockable_conv(mod, lanes: int) -> bool:
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d"
+                and _blocked_layouts(expr, lanes) is not None):
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
 
 
 def _count_blocked(mod) -> int:

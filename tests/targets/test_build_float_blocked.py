@@ -166,3 +166,24 @@ def test_unknown_float_network_is_a_clear_error(tmp_path):
     with pytest.raises(BuildError, match="float_network='fast'.*auto, blocked, nchw"):
         tf.build(graph, "x86", tmp_path / "a", float_network="fast", progress=False)
     assert not (tmp_path / "a").exists()
+
+
+
+@needs_lanes
+def test_a_failing_layout_conversion_leaves_the_nchw_graph_and_says_why(tmp_path, monkeypatch):
+    import importlib
+
+    target_build = importlib.import_module("tensorfold.targets.build")  # the module, not the function
+
+    def fails(mod, lanes):  # as TVM 0.27's ConvertLayout did on a graph of topk ops (std::bad_alloc)
+        raise RuntimeError("std::bad_alloc")
+
+    monkeypatch.setattr(target_build, "block_convs", fails)
+    graph, module, x = _graph(Residual())
+    with torch.no_grad():
+        expected = module(x).numpy()
+    artifact = tf.build(graph, "x86", tmp_path / "a", progress=False, tuning_db=tmp_path / "db")
+    report = artifact.manifest["float_convs_blocked"]
+    assert report["convs"] == 0 and "ConvertLayout failed: RuntimeError: std::bad_alloc" in report["kept_nchw"]
+    got = next(iter(load_artifact(artifact.path)(x.numpy()).values()))
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
