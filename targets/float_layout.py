@@ -71,35 +71,28 @@ def block_convs(mod, lanes: int):
 
 
 def _has_blockable_conv(mod, lanes: int) -> bool:
-    from tvm import relax
-
-    found = []
-
-    def visit(expr):
-        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d"
-                and _blocked_layouts(expr, lanes) is not None):
-            found.append(expr)
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return bool(found)
+    return bool(_conv2d_calls(mod, lambda call: _blocked_layouts(call, lanes) is not None))
 
 
 def _count_blocked(mod) -> int:
+    return len(_conv2d_calls(mod, lambda call: bool(_BLOCKED.fullmatch(str(call.attrs.data_layout)))
+                             and str(call.args[0].ty.dtype) == "float32"))
+
+
+def _conv2d_calls(mod, keep) -> list:
+    """The conv2d calls of `mod`'s Relax functions for which `keep(call)` holds."""
     from tvm import relax
 
     calls = []
 
     def visit(expr):
-        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d"
-                and _BLOCKED.fullmatch(str(expr.attrs.data_layout)) and str(expr.args[0].ty.dtype) == "float32"):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d" and keep(expr):
             calls.append(expr)
 
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
-    return len(calls)
+    return calls
 
 
 def _blocked_layouts(call, lanes: int) -> list[str] | None:
