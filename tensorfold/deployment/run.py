@@ -164,8 +164,16 @@ class _Deploy:
         os.environ.setdefault("TVM_NUM_THREADS", str(plan["threads"]))
         self.work = tempfile.mkdtemp(prefix="tensorfold-deploy-")
         self._engine = None
+        self._cache = None
         self.first = None  # int8 on the original (int8_first), when a selection runs
         self.int8_gain = 1.0  # what int8 is counted on to divide the latency by (factor_goal_ms)
+
+    @property
+    def cache(self) -> lat.LatencyCache:
+        """The latency cache of this (target, engine, threads): layer timings and whole-model timings."""
+        if self._cache is None:
+            self._cache = lat.LatencyCache(self.target, self.engine_name, self.threads, emulated=self.engine.emulated)
+        return self._cache
 
     @property
     def engine(self) -> lat.LatencyEngine:
@@ -241,7 +249,7 @@ class _Deploy:
         self.say(f"latency table: candidates per layer at ratio rates {', '.join(map(str, self.rates))}")
         groups = cand.layer_groups(folded, self.rates)
         error_measure = cand.add_errors(folded, groups, plan["feeds"])
-        cache = lat.LatencyCache(self.target, self.engine_name, self.threads, emulated=self.engine.emulated)
+        cache = self.cache
         e2e_key = f"model {model_key} {list(folded.inputs[0].shape)} | end-to-end, single calls after a pause, least loaded of 3 blocks"
         whole = cache.get(e2e_key)
         blocks = []  # the original end to end in blocks before, amid and after the layers: the least loaded kept
@@ -388,8 +396,10 @@ class _Deploy:
         stored = self.stages.load(name, key)
         if stored is not None:
             return stored
-        timed = lat.end_to_end({"original": folded, "compressed": compressed}, self.engine)
-        result = {"original_ms": timed["original"]["median_ms"], "compressed_ms": timed["compressed"]["median_ms"],
+        timed, cached = lat.cached_end_to_end(
+            {"original": folded, "compressed": compressed}, self.engine, self.cache,
+            f"check | original {graph_fingerprint(folded)} | compressed {graph_fingerprint(compressed)}")
+        result = {"cached": cached, "original_ms": timed["original"]["median_ms"], "compressed_ms": timed["compressed"]["median_ms"],
                   "measured_ratio": timed["compressed"]["median_ms"] / timed["original"]["median_ms"]}
         self.stages.save(name, key, result)
         return result
@@ -475,11 +485,13 @@ class _Deploy:
     def _int8_pays(self, fp32: Graph, int8: Graph) -> dict:
         from tensorfold.runtime import accuracy as acc
 
-        self.say(f"int8: timing fp32 against int8 end to end on {self.engine_name}")
-        timings = lat.end_to_end({"fp32": fp32, "int8": int8}, self.engine)
+        # int8 is a function of the fp32 graph and the calibration data: both name the pair in the cache
+        timings, cached = lat.cached_end_to_end(
+            {"fp32": fp32, "int8": int8}, self.engine, self.cache,
+            f"int8 vs fp32 | model {graph_fingerprint(fp32)} | calibration {self.calibration_key}")
         fp32_ms, int8_ms = timings["fp32"]["median_ms"], timings["int8"]["median_ms"]
         decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "engine": self.engine_name,
-                    "emulated": self.engine.emulated}
+                    "emulated": self.engine.emulated, "timing_cached": cached}
         images, labels = self.plan["images"], self.plan["labels"]
         if images is None:
             images = np.random.default_rng(0).standard_normal((64, *fp32.inputs[0].shape[1:])).astype(np.float32)
@@ -504,7 +516,8 @@ class _Deploy:
                                                       f"fp32 {fp32_ms:.3f} ms",
                                                       None if within else f"drop {drop:.2f} points exceeds --max-drop "
                                                       f"{self.plan['max_drop']:g}") if r)))
-        self.say(f"int8: {'kept' if decision['int8'] else 'not kept'} ({decision['reason']})")
+        self.say(f"int8: {'kept' if decision['int8'] else 'not kept'} ({decision['reason']}; fp32 against int8 end "
+                 f"to end on {self.engine_name}{', timings from the latency cache' if cached else ''})")
         return decision
 
     # -- artifact and measure

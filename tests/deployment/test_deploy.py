@@ -31,14 +31,22 @@ def env(tmp_path_factory):
         yield root, first
 
 
-def _count_measurements(monkeypatch) -> list[int]:
+def _count_measurements(monkeypatch) -> list:
+    """Every timing a deploy decides on: layers (time_runners) and whole models (end_to_end; the steady
+    state timed for the report at the end, warm=True, is not a decision)."""
     calls = []
-    original = lat.time_runners
+    layers, whole = lat.time_runners, lat.end_to_end
 
     def counting(runners):
         calls.append(len(runners))
-        return original(runners)
+        return layers(runners)
+
+    def counting_whole(graphs, engine, *args, warm=False, **kwargs):
+        if not warm:
+            calls.append(sorted(graphs))
+        return whole(graphs, engine, *args, warm=warm, **kwargs)
     monkeypatch.setattr(lat, "time_runners", counting)
+    monkeypatch.setattr(lat, "end_to_end", counting_whole)
     return calls
 
 
@@ -171,6 +179,26 @@ def _conv_graph():
     return tf.capture(model, torch.randn(1, 32, 32, 32))
 
 
+def _flop_table(monkeypatch, tmp_path):
+    """A latency table that does not depend on this machine's load: each candidate's latency proportional to
+    its FLOPs, the whole model 10 % over its layers, in a private cache (nothing timed before is reused)."""
+    monkeypatch.setenv("TENSORFOLD_LATENCY_DIR", str(tmp_path / "flop-cache"))
+
+    def by_flops(groups, engine, cache, progress):
+        for group in groups:
+            for c in group.candidates:
+                c.latency_ms, c.iqr_ms, c.cached, c.emulated, c.noisy = c.flops * 1e-6, 0.0, False, False, False
+    monkeypatch.setattr(lat, "measure_groups", by_flops)
+    measured_table = deploy_run._Deploy.latency_table
+
+    def table(self, folded):
+        result = measured_table(self, folded)  # the whole model is timed: replaced by a figure from the layers
+        result["original_ms"] = {"median_ms": 1.1 * result["layers_ms"], "iqr_ms": 0.0}
+        result["overhead_ms"] = 0.1 * result["layers_ms"]
+        return result
+    monkeypatch.setattr(deploy_run._Deploy, "latency_table", table)
+
+
 def _scripted_checks(monkeypatch, ratios) -> list:
     """Whole-model checks that return scripted measured ratios: a number is a fraction of the goal ratio,
     "prediction" is the attempt's own predicted ratio. Returns the compressed models checked."""
@@ -196,8 +224,9 @@ def _step(ratio: float) -> float:
     return min(max(ratio, 1 / deploy_run.MAX_STEP), deploy_run.MAX_STEP)
 
 
-def test_one_disturbed_check_moves_the_goal_by_at_most_the_trust_region(env, monkeypatch):
+def test_one_disturbed_check_moves_the_goal_by_at_most_the_trust_region(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     # the first check measures 3x the goal (a disturbed timing: the model was predicted within it)
     _scripted_checks(monkeypatch, [3.0, 0.95, 0.95])
     result = deploy(_conv_graph(), "x86", root / "disturbed", speedup=1.3, rounds=ROUNDS, progress=False)
@@ -206,8 +235,9 @@ def test_one_disturbed_check_moves_the_goal_by_at_most_the_trust_region(env, mon
     assert second["correction"] == pytest.approx(deploy_run.MAX_STEP)
 
 
-def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighter_goal(env, monkeypatch):
+def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighter_goal(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     # the first compressed model measures at 1.3x the goal although its prediction met it
     checked = _scripted_checks(monkeypatch, [1.3, "prediction", "prediction"])
     result = deploy(_conv_graph(), "x86", root / "corrected", speedup=1.3, rounds=ROUNDS, progress=False)
@@ -223,12 +253,13 @@ def test_a_compressed_model_slower_than_predicted_is_selected_again_for_a_tighte
     assert "Checked on the whole model" in (root / "corrected" / "report.md").read_text()
 
 
-def test_a_model_far_faster_than_asked_gives_speed_back_for_accuracy(env, monkeypatch):
+def test_a_model_far_faster_than_asked_gives_speed_back_for_accuracy(env, monkeypatch, tmp_path):
     import numpy as np
 
     import tensorfold as tf
 
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     # the first model is twice as fast as asked (its layer errors paid for speed nobody asked for); the
     # looser second one meets the goal with little to spare and is delivered
     _scripted_checks(monkeypatch, [0.5, 0.95])
@@ -243,8 +274,9 @@ def test_a_model_far_faster_than_asked_gives_speed_back_for_accuracy(env, monkey
     assert np.allclose(next(iter(stored.run(x).values())), next(iter(result.graph.run(x).values())), atol=1e-5)
 
 
-def test_when_the_looser_model_misses_the_goal_the_one_that_met_it_is_delivered(env, monkeypatch):
+def test_when_the_looser_model_misses_the_goal_the_one_that_met_it_is_delivered(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     _scripted_checks(monkeypatch, [0.5, 1.2, 1.1])  # relaxed too far, then still short after tightening
     result = deploy(_conv_graph(), "x86", root / "overshot", speedup=1.3, rounds=ROUNDS, progress=False)
     checks = result.report["selection"]["checks"]
@@ -272,13 +304,20 @@ def _calibration():
     return [np.random.default_rng(i).standard_normal((1, 32, 32, 32)).astype(np.float32) for i in range(2)]
 
 
-def test_int8_is_decided_on_the_original_first_and_the_factors_are_asked_only_for_the_rest(env, monkeypatch):
+def test_int8_is_decided_on_the_original_first_and_the_factors_are_asked_only_for_the_rest(env, monkeypatch,
+                                                                                           tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     _scripted_checks(monkeypatch, [0.95] * 3)  # each check lands just inside its goal: no correction
+    # both deploys measure their layers' errors on the same calibration data: int8 slower on one, 1.5x on the other
+    with monkeypatch.context() as m:
+        _scripted_int8(m, [0.8])
+        plain = deploy(_conv_graph(), "x86", root / "factors-only", speedup=2.0, calibration=_calibration(),
+                       rounds=ROUNDS, progress=False)
     _scripted_int8(monkeypatch, [1.5])
-    plain = deploy(_conv_graph(), "x86", root / "factors-only", speedup=2.0, rounds=ROUNDS, progress=False)
     with_int8 = deploy(_conv_graph(), "x86", root / "int8-first", speedup=2.0, calibration=_calibration(),
                        rounds=ROUNDS, progress=False)
+    assert not plain.report["int8"]["int8"]
 
     first = with_int8.report["int8_first"]
     assert first["int8"] and first["gain"] == pytest.approx(1.5)
@@ -291,8 +330,9 @@ def test_int8_is_decided_on_the_original_first_and_the_factors_are_asked_only_fo
     assert with_int8.report["int8"]["int8"] and "int8 first" in (root / "int8-first" / "report.md").read_text()
 
 
-def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatch):
+def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     checked = _scripted_checks(monkeypatch, [0.95] * 3)
     asked = _scripted_int8(monkeypatch, [2.5])
     result = deploy(_conv_graph(), "x86", root / "int8-alone", speedup=2.0, calibration=_calibration(),
@@ -305,8 +345,9 @@ def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatc
     assert result.report["int8"]["int8_ms"] == pytest.approx(1 / 2.5)
 
 
-def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch):
+def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)  # goals 0.75 and 0.55 of the original choose different factors
     _scripted_checks(monkeypatch, [0.95] * 3)
     asked = _scripted_int8(monkeypatch, [1.5, 1.1, 1.1])  # 1.5x on the original, 1.1x once factorized
     result = deploy(_conv_graph(), "x86", root / "shortfall", speedup=2.0, calibration=_calibration(),
@@ -319,8 +360,9 @@ def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_aga
     assert "selected again" in (root / "shortfall" / "report.md").read_text()
 
 
-def test_int8_rejected_on_the_original_is_not_measured_again(env, monkeypatch):
+def test_int8_rejected_on_the_original_is_not_measured_again(env, monkeypatch, tmp_path):
     root, _ = env
+    _flop_table(monkeypatch, tmp_path)
     _scripted_checks(monkeypatch, [0.95] * 3)
     asked = _scripted_int8(monkeypatch, [0.8])  # int8 slower than fp32 on the original
     result = deploy(_conv_graph(), "x86", root / "int8-rejected", speedup=1.5, calibration=_calibration(),
