@@ -14,12 +14,15 @@ import platform
 import time
 from typing import Any
 
+import numpy as np
+
 from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
+from .bf16 import bf16_convs
 from .float_layout import block_convs, lanes_for
 from .frontend import to_relax
-from .int8.amx import AMX, amx_kernels, target_has_amx
+from .int8.amx import AMX, AMX_BF16, AMX_BF16_KERNEL, BF16_FEATURES, amx_kernels, target_has_amx
 from .int8.instructions import census
 from .int8.layout import VNNI, dot_layout_for, tensorized_kernels
 from .int8.layout import legalize as legalize_int8_layout
@@ -31,11 +34,13 @@ from .tuning.tune import TuningSummary, default_database_dir, tune
 
 INT8_NETWORKS = ("auto", "per-conv", "blocked", "nchw")
 FLOAT_NETWORKS = ("auto", "blocked", "nchw")
+PRECISIONS = ("fp32", "bf16")
+BF16_ERROR_INPUTS = 4  # random inputs the bf16 build's output error is measured on
 
 
 def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tuning_db: str | None = None,
           progress: bool = True, tune_further: bool = False, int8_network: str = "auto",
-          float_network: str = "auto") -> Artifact:
+          float_network: str = "auto", precision: str = "fp32") -> Artifact:
     """Compile `graph` for `target` into the folder `out_dir` (see artifact.py for its layout).
 
     tune_trials: MetaSchedule trial budget for the tasks the tuning database lacks (0: no
@@ -57,21 +62,32 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     NCHW{lanes}c with the layout kept between them (float_layout.py); "nchw" leaves them as imported.
     "auto" (default): "blocked" on x86 (16 lanes with AVX-512, 8 with AVX2), "nchw" elsewhere. Measured
     at 200 trials on a Xeon (README, performance): ResNet-18 1.63x and MobileNet-v2 1.19x the NCHW build.
+    precision (graphs without QDQ): "fp32" (default), or "bf16" on a CPU with AMX-BF16: the blocked convs
+    whose input channels fill 32-channel blocks multiply bfloat16-rounded activations and weights on AMX
+    tiles, summing in fp32 (bf16.py); the manifest's `bf16` gives their count and the output error measured
+    against fp32 on random inputs (where the target is this host).
     """
     if int8_network not in INT8_NETWORKS:
         raise BuildError(f"int8_network={int8_network!r}; expected one of {', '.join(INT8_NETWORKS)}")
     if float_network not in FLOAT_NETWORKS:
         raise BuildError(f"float_network={float_network!r}; expected one of {', '.join(FLOAT_NETWORKS)}")
+    if precision not in PRECISIONS:
+        raise BuildError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
     target = get_target(target)
     if tune_trials < 0:
         raise BuildError(f"tune_trials must be >= 0, got {tune_trials}")
+    if precision == "bf16":
+        _check_bf16(target, float_network)
     check_toolchain(target)  # before minutes of compiling, not after
     started = time.perf_counter()
+    mod, frontend = to_relax(graph)
+    if precision == "bf16" and has_qdq(mod):
+        raise BuildError(f"precision='bf16' is for fp32 graphs; {graph.source} is quantized (QDQ), so its convs "
+                         "already run in int8: build it with the default precision")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     _remove_previous_artifact(out_dir)
 
-    mod, frontend = to_relax(graph)
     outputs = _output_infos(mod, list(graph.output_names))
     int8, dot_layout = None, None
     if has_qdq(mod):  # a quantized (QDQ) graph: run its convs and matmuls on the integers
@@ -85,6 +101,12 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     lanes = lanes_for(target.tvm_target) if float_network != "nchw" and int8 is None else None
     if lanes is not None:
         mod, float_blocked, float_fallback = _block_float_convs(mod, lanes, target)
+    bf16 = None
+    if precision == "bf16":
+        with target.tvm():
+            mod, bf16_count = bf16_convs(mod)
+        bf16 = {"convs": bf16_count, "instruction": AMX_BF16.instruction, "kernel": AMX_BF16_KERNEL,
+                "fp32_convs": float_blocked - bf16_count, "error": None}
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
@@ -115,6 +137,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         "int8": int8.to_json() if int8 is not None else None,
         "float_convs_blocked": ({"lanes": lanes, "convs": float_blocked} if float_blocked else
                                 {"lanes": lanes, "convs": 0, "kept_nchw": float_fallback} if float_fallback else None),
+        "precision": precision,
+        "bf16": bf16,
         "tuning": {**tuning.to_json(), "log_dir": _relative(tuning.log_dir, out_dir)},
         "versions": _versions(),
         "build_seconds": round(time.perf_counter() - started, 2),
@@ -127,7 +151,42 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         manifest["load"]["android"] = files.get("link_instructions") or "model.so was linked with the NDK"
     artifact = Artifact(out_dir, manifest)
     artifact.save_manifest()
+    if bf16 is not None:  # the artifact, as saved, against the fp32 graph
+        bf16["error"] = _bf16_error(artifact, graph, target)
+        artifact.save_manifest()
     return artifact
+
+
+def _check_bf16(target: Target, float_network: str) -> None:
+    if float_network == "nchw":
+        raise BuildError("precision='bf16' runs the convs in the blocked layout; float_network='nchw' keeps NCHW")
+    if not target_has_amx(target.tvm_target, BF16_FEATURES):
+        cpu = target.tvm_target.get("mcpu", "generic")
+        raise BuildError(f"precision='bf16' needs AMX-BF16 (Intel Xeon, Sapphire Rapids or later); target "
+                         f"{target.name} ({cpu}) has none. TVM 0.27 cannot emit AVX512-BF16's vdpbf16ps "
+                         "(docs/toolchain.md), so other CPUs build fp32")
+
+
+def _bf16_error(artifact: Artifact, graph, target: Target) -> dict:
+    """The bf16 build's outputs against the fp32 graph's (onnxruntime / torch) on random inputs: the
+    largest absolute difference relative to the largest fp32 output, and top-1 agreement for a classifier."""
+    if target.placement.kind != "local" or target.name != "x86":
+        return {"measured": False, "reason": f"the target {target.name} is not this host: not run here"}
+    rng = np.random.default_rng(0)
+    loaded = artifact.load()
+    worst, scale, agree, total = 0.0, 0.0, 0, 0
+    for _ in range(BF16_ERROR_INPUTS):
+        feeds = {i.name: rng.standard_normal(tuple(i.shape)).astype(np.float32) for i in graph.inputs}
+        reference = graph.run(feeds)
+        built = loaded.run(feeds)
+        for name in graph.output_names:
+            want, got = np.asarray(reference[name], np.float64), np.asarray(built[name], np.float64)
+            worst, scale = max(worst, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
+            if want.ndim == 2 and want.shape[1] > 1:
+                agree += int((want.argmax(1) == got.argmax(1)).sum())
+                total += want.shape[0]
+    return {"measured": True, "inputs": f"{BF16_ERROR_INPUTS} standard normal inputs", "max_abs": worst,
+            "relative": worst / scale if scale else 0.0, "top1_agreement": agree / total if total else None}
 
 
 def _remove_previous_artifact(out_dir: str) -> None:

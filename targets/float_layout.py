@@ -71,15 +71,15 @@ def block_convs(mod, lanes: int):
 
 
 def _has_blockable_conv(mod, lanes: int) -> bool:
-    return bool(_conv2d_calls(mod, lambda call: _blocked_layouts(call, lanes) is not None))
+    return bool(conv2d_calls(mod, lambda call: _blocked_layouts(call, lanes) is not None))
 
 
 def _count_blocked(mod) -> int:
-    return len(_conv2d_calls(mod, lambda call: bool(_BLOCKED.fullmatch(str(call.attrs.data_layout)))
+    return len(conv2d_calls(mod, lambda call: bool(_BLOCKED.fullmatch(str(call.attrs.data_layout)))
                              and str(call.args[0].ty.dtype) == "float32"))
 
 
-def _conv2d_calls(mod, keep) -> list:
+def conv2d_calls(mod, keep) -> list:
     """The conv2d calls of `mod`'s Relax functions for which `keep(call)` holds."""
     from tvm import relax
 
@@ -120,9 +120,8 @@ def _blocked_layouts(call, lanes: int) -> list[str] | None:
 
 def _clip_as_min_max():
     """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): the same values, in ops ConvertLayout carries blocked."""
-    import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
 
     value = wildcard()
     clip = is_op("relax.clip")(value, wildcard(), wildcard())
@@ -132,12 +131,21 @@ def _clip_as_min_max():
         low, high = (float(bound.value) for bound in call.args[1:])
         return relax.op.minimum(relax.op.maximum(matches[value], relax.const(low, dtype)), relax.const(high, dtype))
 
-    @tvm.transform.module_pass(opt_level=0, name="ClipAsMinMax")
+    return rewrite_pass(clip, rewrite, "ClipAsMinMax")
+
+
+def rewrite_pass(pattern, rewrite, name: str):
+    """A module pass applying `rewrite(call, matches)` to every match of `pattern` in each Relax function."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def apply(mod, _ctx):
         mod = mod.clone()
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                mod[gvar] = rewrite_call(clip, rewrite, func)
+                mod[gvar] = rewrite_call(pattern, rewrite, func)
         return mod
 
     return apply

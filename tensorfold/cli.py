@@ -101,7 +101,7 @@ def _build(args: argparse.Namespace) -> int:
             _add_task_scores(report, _first_task(args), original, graph)
         print(report.table())
     artifact = tf.build(graph, target, args.output, tune_trials=args.tune_trials, tuning_db=args.tuning_db,
-                        progress=not args.quiet, tune_further=args.tune_further)
+                        progress=not args.quiet, tune_further=args.tune_further, precision=args.precision)
     _print_artifact(artifact)
     print(f"wrote {artifact.path}")
     if args.report:
@@ -166,6 +166,12 @@ def _print_artifact(artifact) -> None:
                               f"({len(int8['int8_kernels'])} compiled int8 kernels); {len(int8['float_ops'])} left in float"
                      + "".join(f"\n  float: {op}" for op in int8["float_ops"])
                      + _instruction_line(int8.get("machine_instructions"))))
+    if manifest.get("bf16"):
+        bf16, error = manifest["bf16"], manifest["bf16"]["error"] or {}
+        rows.append(("bf16", f"{bf16['convs']} convs on AMX ({bf16['instruction']}), {bf16['fp32_convs']} left fp32; "
+                             + (f"outputs vs fp32 on {error['inputs']}: max |diff| {error['max_abs']:.3g} "
+                                f"({100 * error['relative']:.2f} % of the largest output)" if error.get("measured")
+                                else error.get("reason", "error not measured"))))
     if manifest["files"].get("link_instructions"):
         rows.append(("to link", manifest["files"]["link_instructions"]))
     for key, value in rows:
@@ -372,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tuning-db", help="tuning database folder (default ~/.cache/tensorfold/tuning/<target>)")
     build.add_argument("--tune-further", action="store_true",
                        help="spend the budget on tuned workloads too, starting from their best records")
+    build.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: convs multiply bfloat16 on Intel AMX tiles, summing in fp32 (Xeon Sapphire Rapids "
+                       "or later); the output error against fp32 is reported (docs/architecture.md)")
     build.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker where an arm64/android device tunes "
                        "(default 127.0.0.1:9190)")
     build.add_argument("--rpc-key", help="device key at the tracker (default: the target's, e.g. arm64)")

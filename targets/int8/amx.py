@@ -16,6 +16,10 @@ straight from the blocked tensors with a row stride (64 * stride bytes), no im2c
 work unit keeps P x Q C tiles (P pixel blocks, Q output-channel blocks; P, Q <= 2) in
 tiles 0-3 and streams A through tiles 4-5 and B through 6-7 over the reduction.
 
+AMX-BF16's `tdpbf16ps` is the same with bfloat16 pairs summed into fp32 (16 x 32 bf16 A tile,
+B rows [i/2] x [o][i%2], 16 x 16 fp32 C tile): the same kernel with `AMX_BF16` runs the bf16
+convs of an fp32 network (targets/bf16.py), data NCHW32c bf16 -> NCHW16c fp32.
+
 Why a fixed kernel and not MetaSchedule: TVM 0.27 has no AMX tensor intrinsic (its old
 TOPI schedules went with Relay), and a tile instruction needs the tile configuration
 (`ldtilecfg`) loaded in the thread that runs it, which a tensorized inner loop cannot hold.
@@ -33,20 +37,26 @@ from .layout import DotLayout, _round_up, tensorized_kernels
 
 AMX = DotLayout(lanes=16, reduce=64, instruction="tdpbusd", llvm_intrinsic="llvm.x86.tdpbusd",
                 tensor_intrin="", tiles=True)
-AMX_KERNEL = "conv2d_NCHW64c_amx"  # the TIR function's name
+AMX_BF16 = DotLayout(lanes=16, reduce=32, instruction="tdpbf16ps", llvm_intrinsic="llvm.x86.tdpbf16ps",
+                     tensor_intrin="", tiles=True, data_dtype="bfloat16", kernel_dtype="bfloat16",
+                     acc_dtype="float32")
+AMX_KERNEL = "conv2d_NCHW64c_amx"  # the TIR functions' names
+AMX_BF16_KERNEL = "conv2d_NCHW32c_amx_bf16"
 MIN_CHANNELS = 64  # narrower convs pad their input channels to 64: VNNI's 4-channel blocks waste less
 FEATURES = ("amx-tile", "amx-int8")
+BF16_FEATURES = ("amx-tile", "amx-bf16")
 _ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
-def target_has_amx(tvm_target: dict) -> bool:
+def target_has_amx(tvm_target: dict, features=FEATURES) -> bool:
+    """Whether `tvm_target` has AMX's int8 tiles (`features`: BF16_FEATURES for its bf16 ones)."""
     import tvm
     from tvm.target import codegen
 
     if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
         return False
     target = tvm.target.Target(tvm_target)
-    return all(codegen.target_has_features(f, target) for f in FEATURES)
+    return all(codegen.target_has_features(f, target) for f in features)
 
 
 def host_amx_mattr() -> list[str]:
@@ -59,7 +69,7 @@ def host_amx_mattr() -> list[str]:
         return []
     if not {"amx_tile", "amx_int8"} <= set(flags) or not _request_permission():
         return []
-    return [f"+{f}" for f in FEATURES]
+    return [f"+{f}" for f in FEATURES] + (["+amx-bf16"] if "amx_bf16" in flags else [])
 
 
 @functools.cache
@@ -78,14 +88,16 @@ def uses_amx(channels: int, groups: int) -> bool:
     return groups == 1 and channels >= MIN_CHANNELS
 
 
-def tile_kernel(weight: np.ndarray) -> np.ndarray:
-    """OIHW s8 -> (O/16, C/64, KH, KW, 16, 64) B tiles (rows [i/4], columns [o][i%4]), zero-padded."""
+def tile_kernel(weight: np.ndarray, tiles: DotLayout = AMX) -> np.ndarray:
+    """OIHW -> (O/16, C/r, KH, KW, 16, r) B tiles, r = tiles.reduce: rows [i/g], columns [o][i%g] with g the
+    values per 4 bytes (s8: r = 64, g = 4; bf16: r = 32, g = 2), zero-padded."""
     o, c, kh, kw = weight.shape
-    o_pad, c_pad = _round_up(o, 16), _round_up(c, 64)
+    r, g = tiles.reduce, tiles.reduce // 16
+    o_pad, c_pad = _round_up(o, 16), _round_up(c, r)
     padded = np.zeros((o_pad, c_pad, kh, kw), weight.dtype)
     padded[:o, :c] = weight
-    tiles = padded.reshape(o_pad // 16, 16, c_pad // 64, 16, 4, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
-    return np.ascontiguousarray(tiles.reshape(o_pad // 16, c_pad // 64, kh, kw, 16, 64))
+    blocks = padded.reshape(o_pad // 16, 16, c_pad // r, 16, g, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4)
+    return np.ascontiguousarray(blocks.reshape(o_pad // 16, c_pad // r, kh, kw, 16, r))
 
 
 def rows_per_tile(width: int) -> int:
@@ -94,9 +106,13 @@ def rows_per_tile(width: int) -> int:
     return max(d for d in range(1, 17) if width % d == 0)
 
 
-def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, max_chunks: int = 64):
-    """The TIR kernel: out (N, O/16, OH, OW, 16) s32 = data (NCHW64c u8, padded) * kernel (tile_kernel)."""
+def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayout = AMX, max_chunks: int = 64):
+    """The TIR kernel: out (N, O/16, OH, OW, 16) s32 = data (NCHW64c u8, padded) * kernel (tile_kernel);
+    with AMX_BF16, fp32 = NCHW32c bf16 * bf16 tiles."""
     from tvm.script import tirx as T
+
+    r, data_dtype, kernel_dtype, acc_dtype = tiles.reduce, tiles.data_dtype, tiles.kernel_dtype, tiles.acc_dtype
+    instruction = tiles.llvm_intrinsic
 
     n_, cb, height, width, _ = (int(d) for d in data_shape)
     ob, _, kh_, kw_, _, _ = (int(d) for d in kernel_shape)
@@ -115,13 +131,13 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, max_chunks: int
     per = -(-units // chunks)
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(data: T.Buffer((n_, cb, height, width, 64), "uint8"),
-               weight: T.Buffer((ob, cb, kh_, kw_, 16, 64), "int8"),
-               out: T.Buffer((n_, ob, out_h, out_w, 16), "int32")):
+    def kernel(data: T.Buffer((n_, cb, height, width, r), data_dtype),
+               weight: T.Buffer((ob, cb, kh_, kw_, 16, r), kernel_dtype),
+               out: T.Buffer((n_, ob, out_h, out_w, 16), acc_dtype)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         with T.sblock("root"):
             with T.sblock("amx"):  # one opaque block: SplitLayoutRewritePreproc wants one under the root
-                T.reads(data[0:n_, 0:cb, 0:height, 0:width, 0:64], weight[0:ob, 0:cb, 0:kh_, 0:kw_, 0:16, 0:64])
+                T.reads(data[0:n_, 0:cb, 0:height, 0:width, 0:r], weight[0:ob, 0:cb, 0:kh_, 0:kw_, 0:16, 0:r])
                 T.writes(out[0:n_, 0:ob, 0:out_h, 0:out_w, 0:16])
                 T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                          T.int64(_XFEATURE_XTILEDATA)))
@@ -153,7 +169,7 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, max_chunks: int
                                                        T.address_of(weight[o + q, c, ky, kx, 0, 0]), T.int64(64))
                                 for p in T.unroll(p_):
                                     for q in T.unroll(q_):
-                                        T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(p * q_ + q),
+                                        T.call_llvm_intrin("void", instruction, T.uint8(p * q_ + q),
                                                            T.uint8(4 + p), T.uint8(6 + q))
                             for p in T.unroll(p_):
                                 for q in T.unroll(q_):
@@ -171,8 +187,9 @@ def legalize_conv2d(bb, call):
 
     attrs = call.attrs
     data, weight = call.args
-    func = conv2d_primfunc(data.ty.shape, weight.ty.shape, attrs.strides, attrs.dilation)
-    gvar = bb.add_func(func, AMX_KERNEL)
+    bf16 = str(data.ty.dtype) == "bfloat16"
+    func = conv2d_primfunc(data.ty.shape, weight.ty.shape, attrs.strides, attrs.dilation, AMX_BF16 if bf16 else AMX)
+    gvar = bb.add_func(func, AMX_BF16_KERNEL if bf16 else AMX_KERNEL)
     return relax.call_tir(gvar, [data, weight], call.ty)
 
 
@@ -181,6 +198,14 @@ def amx_kernels(mod) -> list[str]:
     return tensorized_kernels(mod, AMX)
 
 
+def amx_bf16_kernels(mod) -> list[str]:
+    """The TIR functions that call `tdpbf16ps`."""
+    return tensorized_kernels(mod, AMX_BF16)
+
+
 def is_amx_task(task) -> bool:
-    """A MetaSchedule task of the fixed AMX kernel (nothing to tune)."""
-    return AMX_KERNEL in task.task_name or AMX.llvm_intrinsic in task.dispatched[0].script()
+    """A MetaSchedule task of a fixed AMX kernel, int8 or bf16 (nothing to tune)."""
+    if AMX_KERNEL in task.task_name or AMX_BF16_KERNEL in task.task_name:
+        return True
+    script = task.dispatched[0].script()
+    return AMX.llvm_intrinsic in script or AMX_BF16.llvm_intrinsic in script

@@ -41,10 +41,13 @@ class DotLayout:
     data_dtype: str = "uint8"  # sdot multiplies s8 x s8: u8 activations are shifted by -128 first
     kernel_dtype: str = "int8"
     tiles: bool = False  # AMX (amx.py): a fixed TIR kernel on tile registers, kernel in tile order
+    acc_dtype: str = "int32"  # what the instruction sums into (AMX-BF16: float32)
 
     @property
     def operands(self) -> str:
         """The multiplication as the report names it, e.g. "u8 x s8" or "u8 x s8 as s16"."""
+        if self.data_dtype == "bfloat16":
+            return "bf16 x bf16"
         data = {"uint8": "u8", "int8": "s8", "int16": "u8"}[self.data_dtype]
         return f"{data} x s8" + (" as s16" if self.kernel_dtype == "int16" else "")
 
@@ -211,9 +214,10 @@ def legalize_conv2d(bb, call):
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
     if layout is None:
-        from .amx import AMX, legalize_conv2d as amx_conv2d
+        from .amx import AMX, AMX_BF16, legalize_conv2d as amx_conv2d
 
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == (AMX.data, AMX.kernel, AMX.out):
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) in (
+                (tiles.data, tiles.kernel, tiles.out) for tiles in (AMX, AMX_BF16)):
             return amx_conv2d(bb, call)
         from ..float_layout import legalize_conv2d as float_conv2d
 
