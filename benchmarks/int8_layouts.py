@@ -5,7 +5,7 @@ minutes, large enough that the convolutions dominate; `--model resnet18` takes t
 (`--model mobilenet_v2` its MobileNet-v2; random weights, calibrated on 4 random-normal batches). It is built for x86 five ways, each tuned with
 --trials MetaSchedule trials from its own database (in --tuning-dir, reused; --further spends the trials
 again on every task): fp32 (convs in the blocked NCHW16c layout, the default on x86, targets/float_layout.py);
-fp32-nchw (convs as imported); int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
+fp32-nchw (convs as imported); bf16 (`precision="bf16"`: the blocked convs on AMX-BF16 tiles, Intel only); int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
 the bytes); "per-conv" (each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
 AVX2 `vpmaddwd` on s16 or AArch64 `sdot`); and "blocked" (activations kept blocked between convs,
 fixed-point requantization; the default where the CPU has VNNI or AMX). onnxruntime and OpenVINO run the same fp32 and QDQ int8 ONNX files. All
@@ -20,9 +20,9 @@ median, GOP/s of the two convolutions, and the ratio to onnxruntime fp32.
 
 The GOP/s column counts the convs of the model as given (before --passes; for a factorized model, read
 it as the original's work per second). --calls 5 --pause 0 times the steady state (5 calls back to back
-per round). --builds picks among fp32, nchw, per-conv and blocked (an empty --builds times --extra only);
+per round). --builds picks among fp32, fp32-nchw, bf16, nchw, per-conv and blocked (an empty --builds times --extra only);
 --extra NAME=DIR times artifacts built before (e.g. by another version of tensorfold) in the same run;
-with fp32 builds alone (and no --extra) the model is not quantized and no int8 engine runs;
+with fp32 / bf16 builds alone (and no --extra) the model is not quantized and no int8 engine runs;
 --json writes the table as JSON.
 """
 from __future__ import annotations
@@ -41,7 +41,8 @@ from tensorfold.runtime.tvm_engine import prepare_local
 from tensorfold.targets.registry import host_cpu
 
 THREADS = 2
-BUILDS = ("fp32", "fp32-nchw", "nchw", "per-conv", "blocked")
+BUILDS = ("fp32", "fp32-nchw", "bf16", "nchw", "per-conv", "blocked")
+FLOAT_BUILDS = ("fp32", "fp32-nchw", "bf16")  # built from the fp32 graph
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +156,7 @@ def main() -> None:
     unknown = sorted(set(builds) - set(BUILDS))
     if unknown:
         raise SystemExit(f"--builds: unknown {', '.join(unknown)}; choose among {', '.join(BUILDS)}")
-    with_int8 = bool(args.extra) or any(not b.startswith("fp32") for b in builds)  # fp32 builds alone: no int8 engines
+    with_int8 = bool(args.extra) or any(b not in FLOAT_BUILDS for b in builds)  # float builds alone: no int8 engines
     if args.model != "block":
         net, graph, int8, x = torchvision_graphs(args.model, args.size, args.passes, args.weights == "planted",
                                                  with_int8)
@@ -170,13 +171,14 @@ def main() -> None:
     runners = _onnx_runners(graph, int8, x, work, original)
     tunings = {}
     for build in builds:
-        name, g = (f"TVM {build}", graph) if build.startswith("fp32") else (f"TVM int8 {build}", int8)
+        name, g = (f"TVM {build}", graph) if build in FLOAT_BUILDS else (f"TVM int8 {build}", int8)
         started = time.perf_counter()
         key = name.replace(" ", "-")
         built = tf.build(g, "x86", os.path.join(work, key), tune_trials=args.trials, tune_further=args.further,
                          tuning_db=os.path.join(tuning_dir, key), progress=False,
-                         int8_network="per-conv" if build.startswith("fp32") else build,
-                         float_network="nchw" if build == "fp32-nchw" else "auto")
+                         int8_network="per-conv" if build in FLOAT_BUILDS else build,
+                         float_network="nchw" if build == "fp32-nchw" else "auto",
+                         precision="bf16" if build == "bf16" else "fp32")
         lowered = built.manifest.get("int8") or {}
         tuning = built.manifest["tuning"]
         tunings[name] = {"trials": tuning["trials_spent"], "tasks": len(tuning["tasks"]),
@@ -186,6 +188,11 @@ def main() -> None:
               f"{len(tuning['tasks'])} tasks ({len(tuning['untuned'])} untuned), {len(tuning.get('fixed', []))} "
               f"data-movement kernels with a fixed schedule; dot product {lowered.get('dot_product')}; tensorized "
               f"{len(lowered.get('tensorized_kernels', []))}", flush=True)
+        if built.manifest.get("bf16"):
+            bf16 = built.manifest["bf16"]
+            tunings[name]["bf16"] = bf16
+            print(f"{name}: {bf16['convs']} convs on AMX-BF16, {bf16['fp32_convs']} fp32; output error against fp32 "
+                  f"{bf16['error']}", flush=True)
         runner = prepare_local(built.path, THREADS)
         runners[name] = lambda r=runner: r({r.input_names[0]: x})
     for extra in args.extra:
