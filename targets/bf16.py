@@ -1,24 +1,29 @@
 """bf16 convolutions on Intel AMX (`tdpbf16ps`) in an fp32 network: the `precision="bf16"` build.
 
-After float_layout.block_convs the fp32 convs run NCHW16c -> NCHW16c. Each one with whole
-32-channel input blocks and 16-channel output blocks is rewritten here as
+The build blocks the fp32 network by 32 channels (float_layout.block_convs with 32 lanes: AMX's bf16
+A tile row is 32 channels, and two 16-channel C tiles fill a 32-channel output block), so each conv
+with whole 32-channel input blocks is rewritten here as
 
-    data   NCHW16c fp32 -> NCHW32c bf16 (rounded to nearest even), padded     one fused data-movement kernel
-    kernel (O/16, C/32, KH, KW, 16, 32) bf16 in AMX tile order                 re-laid once, at build time
-    out    NCHW16c fp32                                                        amx.conv2d_primfunc(AMX_BF16)
+    data   NCHW32c fp32 -> bf16 (rounded to nearest even), padded        fused into the producer's kernel
+    kernel (O/16, C/32, KH, KW, 16, 32) bf16 in AMX tile order            re-laid once, at build time
+    out    NCHW32c fp32                                                   amx.conv2d_primfunc(AMX_BF16, 32)
 
-so only the conv's multiplications see bfloat16 (8 bits of mantissa); its sums, the bias, the
-activations between convs, pooling and the classifier stay fp32, as in OpenVINO's bf16 mode.
-The convs left fp32: the RGB stem (3 channels), depthwise and grouped convs, and narrow ones.
-The output error this costs is measured by the build on random inputs (the manifest's
-`bf16.error`), and on a trained task by `tensorfold measure` (docs/architecture.md).
+and no activation changes layout between two bf16 convs (a 16-channel block would need a re-blocking
+gather before each conv: measured 100-165 us per 64x56x56 tensor, against 10 for an elementwise pass).
+Only the conv's multiplications see bfloat16 (8 bits of mantissa); its sums, the bias, the activations
+between convs, pooling and the classifier stay fp32, as in OpenVINO's bf16 mode. The convs left fp32
+(blocked by 32): the RGB stem (3 channels), depthwise and grouped convs. The output error this costs
+is measured by the build on random inputs (the manifest's `bf16.error`), and on a trained task by
+`tensorfold measure` (docs/architecture.md).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .float_layout import conv2d_calls, rewrite_pass
-from .int8.amx import AMX_BF16, tile_kernel
+from .int8.amx import AMX_BF16, BF16_OUT, tile_kernel
+
+BLOCK = 32  # channels per block of the bf16 build's network (see above)
 
 
 def bf16_convs(mod):
@@ -43,14 +48,13 @@ def bf16_convs(mod):
 
 
 def _oihw(call, weight) -> np.ndarray | None:
-    """The fp32 OIHW weight of a blocked conv (NCHW16c, OIHW16i16o, groups 1) whose input channels fill whole
-    32-channel blocks; None for any other conv."""
+    """The fp32 OIHW weight of a conv blocked by 32 (NCHW32c, OIHW32i32o, groups 1); None for any other conv."""
     attrs = call.attrs
     if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
-            "NCHW16c", "OIHW16i16o", "NCHW16c") or int(attrs.groups) != 1:
+            f"NCHW{BLOCK}c", f"OIHW{BLOCK}i{BLOCK}o", f"NCHW{BLOCK}c") or int(attrs.groups) != 1:
         return None
     blocks = weight.value.numpy()
-    if blocks.dtype != np.float32 or blocks.shape[1] % 2:
+    if blocks.dtype != np.float32:
         return None
     ob, cb, kh, kw, ib, lanes = blocks.shape
     return np.ascontiguousarray(blocks.transpose(0, 5, 1, 4, 2, 3).reshape(ob * lanes, cb * ib, kh, kw))
@@ -60,19 +64,14 @@ def _amx_conv(data, kernel: np.ndarray, attrs):
     import ml_dtypes
     from tvm import relax
 
-    n, cb, height, width, _ = (int(d) for d in data.ty.shape)
-    # NCHW16c -> NCHW32c: two consecutive 16-channel blocks side by side (reshape + permute: no index
-    # arithmetic for the fused kernel to gather with), rounded to bf16, padded with bf16 zeros
-    x = relax.op.reshape(data, (n, cb // 2, 2, height, width, 16))
-    x = relax.op.reshape(relax.op.permute_dims(x, [0, 1, 3, 4, 2, 5]), (n, cb // 2, height, width, 32))
-    x = relax.op.astype(x, "bfloat16")
+    x = relax.op.astype(data, "bfloat16")
     top, left, bottom, right = (int(p) for p in attrs.padding)
     if top or left or bottom or right:
         x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right, 0, 0])
     tiles = tile_kernel(kernel.astype(ml_dtypes.bfloat16), AMX_BF16)
     return relax.op.nn.conv2d(x, relax.const(tiles), strides=attrs.strides, padding=[0, 0, 0, 0],
                               dilation=attrs.dilation, data_layout=AMX_BF16.data, kernel_layout=AMX_BF16.kernel,
-                              out_layout=AMX_BF16.out, out_dtype="float32")
+                              out_layout=BF16_OUT, out_dtype="float32")
 
 
 def _count(mod) -> int:

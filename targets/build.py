@@ -19,7 +19,7 @@ import numpy as np
 from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
-from .bf16 import bf16_convs
+from .bf16 import BLOCK as BF16_BLOCK, bf16_convs
 from .float_layout import block_convs, lanes_for
 from .frontend import to_relax
 from .int8.amx import AMX, AMX_BF16, AMX_BF16_KERNEL, BF16_FEATURES, amx_kernels, target_has_amx
@@ -99,6 +99,8 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         int8.network = int8_network
     float_blocked, float_fallback = 0, None
     lanes = lanes_for(target.tvm_target) if float_network != "nchw" and int8 is None else None
+    if precision == "bf16":
+        lanes = BF16_BLOCK  # whole AMX-BF16 blocks from conv to conv (bf16.py)
     if lanes is not None:
         mod, float_blocked, float_fallback = _block_float_convs(mod, lanes, target)
     bf16 = None

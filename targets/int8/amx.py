@@ -40,6 +40,7 @@ AMX = DotLayout(lanes=16, reduce=64, instruction="tdpbusd", llvm_intrinsic="llvm
 AMX_BF16 = DotLayout(lanes=16, reduce=32, instruction="tdpbf16ps", llvm_intrinsic="llvm.x86.tdpbf16ps",
                      tensor_intrin="", tiles=True, data_dtype="bfloat16", kernel_dtype="bfloat16",
                      acc_dtype="float32")
+BF16_OUT = "NCHW32c"  # the bf16 convs' output layout: whole 32-channel blocks, the next bf16 conv's input
 AMX_KERNEL = "conv2d_NCHW64c_amx"  # the TIR functions' names
 AMX_BF16_KERNEL = "conv2d_NCHW32c_amx_bf16"
 MIN_CHANNELS = 64  # narrower convs pad their input channels to 64: VNNI's 4-channel blocks waste less
@@ -106,9 +107,11 @@ def rows_per_tile(width: int) -> int:
     return max(d for d in range(1, 17) if width % d == 0)
 
 
-def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayout = AMX, max_chunks: int = 64):
+def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayout = AMX, out_block: int = 16,
+                    max_chunks: int = 64):
     """The TIR kernel: out (N, O/16, OH, OW, 16) s32 = data (NCHW64c u8, padded) * kernel (tile_kernel);
-    with AMX_BF16, fp32 = NCHW32c bf16 * bf16 tiles."""
+    with AMX_BF16, fp32 = NCHW32c bf16 * bf16 tiles. out_block: output channels per block of `out`, 16 or
+    32 (NCHW32c: two C tiles side by side in each pixel's row, stored with a 128-byte row stride)."""
     from tvm.script import tirx as T
 
     r, data_dtype, kernel_dtype, acc_dtype = tiles.reduce, tiles.data_dtype, tiles.kernel_dtype, tiles.acc_dtype
@@ -125,6 +128,8 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
     blocks = out_h * wb                 # pixel blocks per image
     p_ = 2 if blocks % 2 == 0 else 1    # pixel blocks per unit
     q_ = 2 if ob % 2 == 0 else 1        # output-channel blocks per unit
+    k_ = out_block // 16                # C tiles per block of `out`
+    assert out_block in (16, 32) and ob % k_ == 0 and q_ % k_ == 0, (out_block, ob)
     per_image, per_ob = (ob // q_) * (blocks // p_), blocks // p_
     units = n_ * per_image
     chunks = min(units, max_chunks)     # one tile configuration per chunk (per thread task)
@@ -133,12 +138,12 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
     @T.prim_func(private=True, s_tir=True)
     def kernel(data: T.Buffer((n_, cb, height, width, r), data_dtype),
                weight: T.Buffer((ob, cb, kh_, kw_, 16, r), kernel_dtype),
-               out: T.Buffer((n_, ob, out_h, out_w, 16), acc_dtype)):
+               out: T.Buffer((n_, ob // k_, out_h, out_w, out_block), acc_dtype)):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         with T.sblock("root"):
             with T.sblock("amx"):  # one opaque block: SplitLayoutRewritePreproc wants one under the root
                 T.reads(data[0:n_, 0:cb, 0:height, 0:width, 0:r], weight[0:ob, 0:cb, 0:kh_, 0:kw_, 0:16, 0:r])
-                T.writes(out[0:n_, 0:ob, 0:out_h, 0:out_w, 0:16])
+                T.writes(out[0:n_, 0:ob // k_, 0:out_h, 0:out_w, 0:out_block])
                 T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                          T.int64(_XFEATURE_XTILEDATA)))
                 for chunk in T.parallel(chunks):
@@ -174,8 +179,9 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
                             for p in T.unroll(p_):
                                 for q in T.unroll(q_):
                                     T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.uint8(p * q_ + q),
-                                                       T.address_of(out[n, o + q, (b + p) // wb, (b + p) % wb * rows, 0]),
-                                                       T.int64(64))
+                                                       T.address_of(out[n, (o + q) // k_, (b + p) // wb,
+                                                                        (b + p) % wb * rows, (o + q) % k_ * 16]),
+                                                       T.int64(4 * out_block))
                     T.call_llvm_intrin("void", "llvm.x86.tilerelease")
 
     return kernel
@@ -188,7 +194,8 @@ def legalize_conv2d(bb, call):
     attrs = call.attrs
     data, weight = call.args
     bf16 = str(data.ty.dtype) == "bfloat16"
-    func = conv2d_primfunc(data.ty.shape, weight.ty.shape, attrs.strides, attrs.dilation, AMX_BF16 if bf16 else AMX)
+    func = conv2d_primfunc(data.ty.shape, weight.ty.shape, attrs.strides, attrs.dilation, AMX_BF16 if bf16 else AMX,
+                           out_block=int(call.ty.shape[-1]))
     gvar = bb.add_func(func, AMX_BF16_KERNEL if bf16 else AMX_KERNEL)
     return relax.call_tir(gvar, [data, weight], call.ty)
 

@@ -214,10 +214,10 @@ def legalize_conv2d(bb, call):
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
     if layout is None:
-        from .amx import AMX, AMX_BF16, legalize_conv2d as amx_conv2d
+        from .amx import AMX, AMX_BF16, BF16_OUT, legalize_conv2d as amx_conv2d
 
         if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) in (
-                (tiles.data, tiles.kernel, tiles.out) for tiles in (AMX, AMX_BF16)):
+                (AMX.data, AMX.kernel, AMX.out), (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT)):
             return amx_conv2d(bb, call)
         from ..float_layout import legalize_conv2d as float_conv2d
 
