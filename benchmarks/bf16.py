@@ -24,14 +24,18 @@ from tensorfold.targets.registry import host_cpu
 THREADS = 2
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="resnet18-digits", help="a trained task (tensorfold tasks)")
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per build")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--work-dir", help="keep artifacts and tuning databases here (default: a temp folder)")
     parser.add_argument("--json", help="write the measure report and the builds' figures here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="tensorfold-bf16-")
     folded, _ = tf.compress(resolve(args.task), "fold_bn")
     built = {}
