@@ -19,11 +19,11 @@ import numpy as np
 from tensorfold.ir.errors import BuildError
 
 from .artifact import FORMAT, MANIFEST, Artifact, plain_tvm_instructions
-from .bf16 import BLOCK as BF16_BLOCK, bf16_convs
+from .bf16 import bf16_convs, route_for as bf16_route
 from .float_layout import block_convs, lanes_for
 from .frontend import to_relax
-from .int8.amx import AMX, AMX_BF16, AMX_BF16_KERNEL, BF16_FEATURES, amx_kernels, target_has_amx
-from .int8.instructions import census
+from .int8.amx import AMX, amx_kernels, target_has_amx
+from .int8.instructions import BF16_INSTRUCTIONS, census
 from .int8.layout import VNNI, dot_layout_for, tensorized_kernels
 from .int8.layout import legalize as legalize_int8_layout
 from .int8.relax import has_qdq, int8_kernels, lower_qdq
@@ -62,10 +62,12 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     NCHW{lanes}c with the layout kept between them (float_layout.py); "nchw" leaves them as imported.
     "auto" (default): "blocked" on x86 (16 lanes with AVX-512, 8 with AVX2), "nchw" elsewhere. Measured
     at 200 trials on a Xeon (README, performance): ResNet-18 1.63x and MobileNet-v2 1.19x the NCHW build.
-    precision (graphs without QDQ): "fp32" (default), or "bf16" on a CPU with AMX-BF16: the blocked convs
-    whose input channels fill 32-channel blocks multiply bfloat16-rounded activations and weights on AMX
-    tiles, summing in fp32 (bf16.py); the manifest's `bf16` gives their count and the output error measured
-    against fp32 on random inputs (where the target is this host).
+    precision (graphs without QDQ): "fp32" (default), or "bf16" on an x86 CPU with AMX-BF16 or AVX512-BF16:
+    the blocked convs whose input channels fill whole blocks multiply bfloat16-rounded activations and
+    weights, summing in fp32 (bf16.py: AMX tiles with 32-channel blocks, a fixed kernel; else `vdpbf16ps`
+    with 16-channel blocks, tensorized by tuning, so give it tune_trials); the manifest's `bf16` gives
+    their count, the bf16 instructions in the library and the output error measured against fp32 on
+    random inputs (where the target is this host).
     """
     if int8_network not in INT8_NETWORKS:
         raise BuildError(f"int8_network={int8_network!r}; expected one of {', '.join(INT8_NETWORKS)}")
@@ -76,8 +78,7 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     target = get_target(target)
     if tune_trials < 0:
         raise BuildError(f"tune_trials must be >= 0, got {tune_trials}")
-    if precision == "bf16":
-        _check_bf16(target, float_network)
+    route = _check_bf16(target, float_network) if precision == "bf16" else None
     check_toolchain(target)  # before minutes of compiling, not after
     started = time.perf_counter()
     mod, frontend = to_relax(graph)
@@ -99,16 +100,16 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
         int8.network = int8_network
     float_blocked, float_fallback = 0, None
     lanes = lanes_for(target.tvm_target) if float_network != "nchw" and int8 is None else None
-    if precision == "bf16":
-        lanes = BF16_BLOCK  # whole AMX-BF16 blocks from conv to conv (bf16.py)
+    if route is not None:
+        lanes = route.block  # whole bf16 input blocks from conv to conv (bf16.py)
     if lanes is not None:
         mod, float_blocked, float_fallback = _block_float_convs(mod, lanes, target)
     bf16 = None
-    if precision == "bf16":
+    if route is not None:
         with target.tvm():
-            mod, bf16_count = bf16_convs(mod)
-        bf16 = {"convs": bf16_count, "instruction": AMX_BF16.instruction, "kernel": AMX_BF16_KERNEL,
-                "fp32_convs": float_blocked - bf16_count, "error": None}
+            mod, bf16_count = bf16_convs(mod, route)
+        bf16 = {"convs": bf16_count, "route": route.name, "instruction": route.instruction, "kernel": route.kernel,
+                "fp32_convs": float_blocked - bf16_count, "instructions": None, "error": None}
     prepack = target.tvm_target["kind"] == "llvm"
     mod = _prepare(mod, target, prepack)
     if int8 is not None:
@@ -125,6 +126,13 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     files = export(executable, target, out_dir)
     if int8 is not None and target.tvm_target["kind"] == "llvm" and target.link != "tar":
         int8.instructions = census(os.path.join(out_dir, files["library"]), target.tvm_target.get("mtriple"))
+    if bf16 is not None and target.link != "tar":
+        bf16["instructions"] = census(os.path.join(out_dir, files["library"]), target.tvm_target.get("mtriple"),
+                                      BF16_INSTRUCTIONS)
+        counts = bf16["instructions"].get("instructions")  # None where objdump is missing
+        if route.tuned and bf16["convs"] and counts is not None and not counts.get(route.instruction):
+            bf16["warning"] = (f"no {route.instruction} in the library: its bf16 convs are tensorized by tuning, and "
+                               "they were not tuned (give tune_trials, or a tuning database that has them)")
 
     manifest = {
         "format": FORMAT,
@@ -159,14 +167,17 @@ def build(graph, target: str | Target, out_dir: str, tune_trials: int = 0, tunin
     return artifact
 
 
-def _check_bf16(target: Target, float_network: str) -> None:
+def _check_bf16(target: Target, float_network: str):
+    """The bf16 route (bf16.py) for `target`, or a BuildError saying why there is none."""
     if float_network == "nchw":
         raise BuildError("precision='bf16' runs the convs in the blocked layout; float_network='nchw' keeps NCHW")
-    if not target_has_amx(target.tvm_target, BF16_FEATURES):
+    route = bf16_route(target.tvm_target)
+    if route is None:
         cpu = target.tvm_target.get("mcpu", "generic")
-        raise BuildError(f"precision='bf16' needs AMX-BF16 (Intel Xeon, Sapphire Rapids or later); target "
-                         f"{target.name} ({cpu}) has none. TVM 0.27 cannot emit AVX512-BF16's vdpbf16ps "
-                         "(docs/toolchain.md), so other CPUs build fp32")
+        raise BuildError(f"precision='bf16' needs an x86 CPU with AVX512-BF16 (AMD Zen 4 or later, Intel Cooper "
+                         f"Lake or later) or AMX-BF16 (Intel Sapphire Rapids or later); target {target.name} "
+                         f"({cpu}) has neither, so build it fp32")
+    return route
 
 
 def _bf16_error(artifact: Artifact, graph, target: Target) -> dict:

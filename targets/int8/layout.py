@@ -209,16 +209,20 @@ def legalize():
 
 
 def legalize_conv2d(bb, call):
-    """TE compute for a blocked int8 conv2d (see module doc); other conv2d calls: float_layout's or TVM's own."""
+    """TE compute for a blocked int8 conv2d (see module doc); other conv2d calls: AMX's, bf16's (targets/bf16.py),
+    float_layout's or TVM's own."""
     attrs = call.attrs
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
     if layout is None:
+        from ..bf16 import DOT_LAYOUTS, legalize_conv2d as bf16_conv2d
         from .amx import AMX, AMX_BF16, BF16_OUT, legalize_conv2d as amx_conv2d
 
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) in (
-                (AMX.data, AMX.kernel, AMX.out), (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT)):
+        layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+        if layouts in ((AMX.data, AMX.kernel, AMX.out), (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT)):
             return amx_conv2d(bb, call)
+        if layouts == DOT_LAYOUTS and str(call.args[0].ty.dtype) == "bfloat16":
+            return bf16_conv2d(bb, call)
         from ..float_layout import legalize_conv2d as float_conv2d
 
         return float_conv2d(bb, call)  # a blocked fp32 conv2d, else TVM's own

@@ -36,9 +36,10 @@ def load_for(tvm_target: dict) -> None:
         setattr(importlib.import_module("tvm.s_tir"), "tensor_intrin", package)
     for family in families:
         importlib.import_module(f"{PACKAGE}.{family}")
-    if families == ["x86"]:  # tensorfold's own (int8 layouts), which tuned records name like TVM's
+    if families == ["x86"]:  # tensorfold's own (int8 layouts, bf16), which tuned records name like TVM's
         register_vnni()
         register_avx2()
+        register_avx512_bf16()
 
 
 VNNI_INTRIN = "tensorfold_dot_16x4_vnni"
@@ -112,13 +113,67 @@ def register_avx2() -> None:
     TensorIntrin.register(AVX2_INTRIN, desc, impl)
 
 
-def _dot_desc(lanes: int, reduce: int, a_dtype: str, b_dtype: str):
-    """What a dot-product intrinsic computes: C[lanes] s32 += A[reduce] . B[lanes, reduce]."""
+BF16_INTRIN = "tensorfold_dot_16x2_bf16"
+BF16_FUNCTION = "tensorfold_dpbf16ps"  # the LLVM function the tensorized kernels call (below)
+
+# `vdpbf16ps` takes <32 x bfloat> operands, a type TIR cannot pass to an LLVM intrinsic: its bf16
+# legalization turns bf16 values into f32 or i16 vectors, and LLVM's verifier refuses both
+# (docs/toolchain.md). So the call goes through this LLVM function, which takes the pairs as
+# <16 x i32> and bitcasts them; the kernel imports it (`pragma_import_llvm`) and LLVM inlines it.
+_BF16_LLVM = r"""
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+
+define <16 x float> @tensorfold_dpbf16ps(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) #0 {
+  %a.pairs = bitcast <16 x i32> %a to <32 x bfloat>
+  %b.pairs = bitcast <16 x i32> %b to <32 x bfloat>
+  %sum = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a.pairs, <32 x bfloat> %b.pairs)
+  ret <16 x float> %sum
+}
+
+attributes #0 = { "target-features"="+avx512f,+avx512bf16" }
+"""
+
+
+def register_avx512_bf16() -> None:
+    """Register `BF16_INTRIN`: C[16] f32 += A[2] bf16 . B[16, 2] bf16, one `vdpbf16ps` (AVX512-BF16).
+
+    The operands are read as 32-bit words (a bf16 pair each) through int32 views of the bf16
+    buffers, so they reach `_BF16_LLVM` as <16 x i32> and no bf16 value is left for TIR to legalize.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if TensorIntrin.get(BF16_INTRIN, allow_missing=True) is not None:
+        return
+
+    desc = _dot_desc(16, 2, "bfloat16", "bfloat16", "float32", pair_aligned=2)
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "bfloat16", offset_factor=2), B: T.Buffer((16, 2), "bfloat16", offset_factor=2),
+             C: T.Buffer((16,), "float32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            # the pair of A, and B's 16 pairs, as 32-bit words (offset_factor=2: both start at even offsets)
+            a_word = T.decl_buffer((1,), "int32", data=A.data, elem_offset=A.elem_offset // 2)
+            b_words = T.decl_buffer((16,), "int32", data=B.data, elem_offset=B.elem_offset // 2)
+            with T.attr(T.int32(0), "pragma_import_llvm", _BF16_LLVM):
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
+                    "float32x16", BF16_FUNCTION, C.vload([0], dtype="float32x16"),
+                    T.broadcast(a_word[0], 16), b_words.vload([0], dtype="int32x16"))
+
+    TensorIntrin.register(BF16_INTRIN, desc, impl)
+
+
+def _dot_desc(lanes: int, reduce: int, a_dtype: str, b_dtype: str, acc_dtype: str = "int32", pair_aligned: int = 1):
+    """What a dot-product intrinsic computes: C[lanes] += A[reduce] . B[lanes, reduce], summed in `acc_dtype`;
+    A and B start at multiples of `pair_aligned` elements."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((reduce,), a_dtype, offset_factor=1), B: T.Buffer((lanes, reduce), b_dtype, offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+    def desc(A: T.Buffer((reduce,), a_dtype, offset_factor=pair_aligned),
+             B: T.Buffer((lanes, reduce), b_dtype, offset_factor=pair_aligned),
+             C: T.Buffer((lanes,), acc_dtype, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:reduce], B[0:lanes, 0:reduce])
             T.writes(C[0:lanes])
@@ -126,6 +181,6 @@ def _dot_desc(lanes: int, reduce: int, a_dtype: str, b_dtype: str):
                 for k in T.serial(0, reduce):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                        C[vi] = C[vi] + T.cast(A[vk], acc_dtype) * T.cast(B[vi, vk], acc_dtype)
 
     return desc

@@ -8,12 +8,15 @@ is not contiguous there), so every candidate failed and the task stayed untuned.
 - blocked int8 conv2d (targets/int8/layout.py): on x86 the same rules with tensorfold's intrinsic
   for the layout (VNNI's `vpdpbusd`, or AVX2's `vpmaddwd` on s16); on AArch64 with dotprod the
   target's default, whose rules tensorize with sdot;
-- other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI).
+- other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI);
+- bf16 conv2d on AVX512-BF16 (targets/bf16.py): the tensorizing rules with `vdpbf16ps`
+  (intrinsics.BF16_INTRIN).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from ..bf16 import DOT_KERNEL as BF16_KERNEL
 from ..int8.layout import BLOCKED_KERNEL, dot_layout_for
 from ..registry import Target
 
@@ -30,12 +33,15 @@ def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
     kinds = [_kind(t, int8_kernels) for t in tasks]
     layout = dot_layout_for(target.tvm_target) if x86 else None  # registers its intrinsic
     makers = {"float": lambda: DEFAULT, "generic": _generic_llvm,
-              "blocked": (lambda: _tensorizing(layout.tensor_intrin)) if layout else lambda: DEFAULT}
+              "blocked": (lambda: _tensorizing(layout.tensor_intrin)) if layout else lambda: DEFAULT,
+              "bf16": _bf16_tensorizing}
     return [([t for t, k in zip(tasks, kinds) if k == kind], makers[kind]())
-            for kind in ("float", "generic", "blocked") if kind in kinds]
+            for kind in ("float", "generic", "blocked", "bf16") if kind in kinds]
 
 
 def _kind(task, int8_kernels) -> str:
+    if BF16_KERNEL in task.task_name:
+        return "bf16"
     if not int8_kernels(task.dispatched[0]):  # a reduction of 8-bit products into int32
         return "float"
     return "blocked" if BLOCKED_KERNEL in task.task_name else "generic"
@@ -45,6 +51,13 @@ def _generic_llvm():
     import tvm.s_tir.meta_schedule as ms
 
     return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+
+
+def _bf16_tensorizing():
+    from .intrinsics import BF16_INTRIN, register_avx512_bf16
+
+    register_avx512_bf16()
+    return _tensorizing(BF16_INTRIN)
 
 
 def _tensorizing(intrin: str):
