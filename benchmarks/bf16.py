@@ -1,10 +1,11 @@
-"""bf16 on AMX against fp32, on a trained task: top-1 and latency of each, measured side by side in one run.
+"""bf16 against fp32, on a trained task: top-1 and latency of each, measured side by side in one run.
 
 Builds the task's model (BatchNorm folded) for this host twice, `precision="fp32"` and `precision="bf16"`
-(targets/bf16.py: the convs with 32-channel input blocks on AMX-BF16 tiles), each tuned with --trials
-MetaSchedule trials from its own database, then `tf.measure`s both on the task's test set with
+(targets/bf16.py: the convs with whole input blocks on AMX-BF16 tiles, or with AVX512-BF16's vdpbf16ps),
+each tuned with --trials MetaSchedule trials from its own database, then `tf.measure`s both on the task's test set with
 onnxruntime and OpenVINO (its default precision, bf16 on such a CPU) beside them: 2 threads,
---rounds interleaved rounds. Needs an Intel CPU with AMX-BF16 (Xeon Sapphire Rapids or later).
+--rounds interleaved rounds. Needs an x86 CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later) or
+AVX512-BF16 (AMD Zen 4 or later).
 
     python benchmarks/bf16.py --task resnet18-digits --trials 64
 """

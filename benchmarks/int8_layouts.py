@@ -5,7 +5,7 @@ minutes, large enough that the convolutions dominate; `--model resnet18` takes t
 (`--model mobilenet_v2` its MobileNet-v2; random weights, calibrated on 4 random-normal batches). It is built for x86 five ways, each tuned with
 --trials MetaSchedule trials from its own database (in --tuning-dir, reused; --further spends the trials
 again on every task): fp32 (convs in the blocked NCHW16c layout, the default on x86, targets/float_layout.py);
-fp32-nchw (convs as imported); bf16 (`precision="bf16"`: the blocked convs on AMX-BF16 tiles, Intel only); int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
+fp32-nchw (convs as imported); bf16 (`precision="bf16"`: the blocked convs in bf16, on AMX-BF16 tiles or with AVX512-BF16's vdpbf16ps); int8 with `int8_network="nchw"` (no blocked layout: LLVM's vectoriser widens
 the bytes); "per-conv" (each conv in the CPU's blocked dot-product layout, VNNI `vpdpbusd`,
 AVX2 `vpmaddwd` on s16 or AArch64 `sdot`); and "blocked" (activations kept blocked between convs,
 fixed-point requantization; the default where the CPU has VNNI or AMX). onnxruntime and OpenVINO run the same fp32 and QDQ int8 ONNX files. All
@@ -191,8 +191,8 @@ def main() -> None:
         if built.manifest.get("bf16"):
             bf16 = built.manifest["bf16"]
             tunings[name]["bf16"] = bf16
-            print(f"{name}: {bf16['convs']} convs on AMX-BF16, {bf16['fp32_convs']} fp32; output error against fp32 "
-                  f"{bf16['error']}", flush=True)
+            print(f"{name}: {bf16['convs']} convs in bf16 ({bf16['route']}, {bf16['instructions']}), "
+                  f"{bf16['fp32_convs']} fp32; output error against fp32 {bf16['error']}", flush=True)
         runner = prepare_local(built.path, THREADS)
         runners[name] = lambda r=runner: r({r.input_names[0]: x})
     for extra in args.extra:

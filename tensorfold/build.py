@@ -23,8 +23,9 @@ def build(graph: Any, target: str | Target, out_dir: str | os.PathLike, tune_tri
     every workload, tuned ones too, starting from their best records. `int8_network` (QDQ graphs on a
     dot-product CPU): "auto" (blocked with VNNI or AMX, else per-conv), "per-conv", "blocked" or "nchw"
     (targets/build.py says what each does). `float_network` (fp32 convs): "auto" (blocked on x86),
-    "blocked" or "nchw". `precision`: "fp32" (default) or "bf16" (convs on AMX-BF16 tiles, Intel Xeon
-    Sapphire Rapids or later; the manifest's `bf16` reports the output error). Returns the Artifact (folder +
+    "blocked" or "nchw". `precision`: "fp32" (default) or "bf16" (convs multiply bfloat16, sum fp32: on AMX
+    tiles on Intel Xeon Sapphire Rapids or later, else AVX512-BF16's vdpbf16ps on AMD Zen 4 or later, which
+    needs tune_trials; the manifest's `bf16` reports the output error). Returns the Artifact (folder +
     manifest); `artifact.load()` runs it in this process when the target is local.
     """
     if isinstance(graph, (str, os.PathLike)):

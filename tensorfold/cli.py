@@ -168,10 +168,14 @@ def _print_artifact(artifact) -> None:
                      + _instruction_line(int8.get("machine_instructions"))))
     if manifest.get("bf16"):
         bf16, error = manifest["bf16"], manifest["bf16"]["error"] or {}
-        rows.append(("bf16", f"{bf16['convs']} convs on AMX ({bf16['instruction']}), {bf16['fp32_convs']} left fp32; "
+        counts = (bf16.get("instructions") or {}).get("instructions")
+        rows.append(("bf16", f"{bf16['convs']} convs in bf16 ({bf16['instruction']}"
+                             + (f", {counts.get(bf16['instruction'], 0)} in the library" if counts is not None else "")
+                             + f"), {bf16['fp32_convs']} left fp32; "
                              + (f"outputs vs fp32 on {error['inputs']}: max |diff| {error['max_abs']:.3g} "
                                 f"({100 * error['relative']:.2f} % of the largest output)" if error.get("measured")
-                                else error.get("reason", "error not measured"))))
+                                else error.get("reason", "error not measured"))
+                             + (f"\n  warning: {bf16['warning']}" if bf16.get("warning") else "")))
     if manifest["files"].get("link_instructions"):
         rows.append(("to link", manifest["files"]["link_instructions"]))
     for key, value in rows:
@@ -379,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--tune-further", action="store_true",
                        help="spend the budget on tuned workloads too, starting from their best records")
     build.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="bf16: convs multiply bfloat16 on Intel AMX tiles, summing in fp32 (Xeon Sapphire Rapids "
-                       "or later); the output error against fp32 is reported (docs/architecture.md)")
+                       help="bf16: convs multiply bfloat16, summing in fp32: on Intel AMX tiles (Xeon Sapphire Rapids "
+                       "or later), else with AVX512-BF16 (AMD Zen 4 or later; give --tune-trials, tuning "
+                       "tensorizes them); the output error against fp32 is reported (docs/architecture.md)")
     build.add_argument("--rpc-tracker", help="HOST:PORT of the RPC tracker where an arm64/android device tunes "
                        "(default 127.0.0.1:9190)")
     build.add_argument("--rpc-key", help="device key at the tracker (default: the target's, e.g. arm64)")

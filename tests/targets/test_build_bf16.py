@@ -3,6 +3,8 @@
 error, and the clear errors where bf16 cannot be built."""
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -176,13 +178,18 @@ def test_a_bf16_build_runs_the_wide_convs_in_bf16_and_reports_its_true_error(tmp
 
 
 @pytest.mark.skipif(HOST_ROUTE is not AVX512, reason="the untuned warning is the AVX512-BF16 route's")
-def test_an_untuned_avx512_bf16_build_says_it_has_no_vdpbf16ps(tmp_path):
-    graph = tf.capture(Block().eval(), torch.randn(1, 3, 16, 20))
-    artifact = tf.build(graph, "x86", tmp_path / "bf16", precision="bf16", tuning_db=str(tmp_path / "db"),
-                        progress=False)
-    bf16 = artifact.manifest["bf16"]
-    assert "vdpbf16ps" not in bf16["instructions"]["instructions"]
-    assert "not tuned" in bf16["warning"]
+def test_an_untuned_avx512_bf16_build_says_it_has_no_vdpbf16ps(tmp_path, capsys):
+    from tensorfold.cli import main
+
+    model_file = tmp_path / "block.onnx"
+    tf.capture(Block().eval(), torch.randn(1, 3, 16, 20)).save(str(model_file))
+    out = tmp_path / "bf16"
+    assert main(["build", str(model_file), "--target", "x86", "--precision", "bf16", "-o", str(out),
+                 "--tuning-db", str(tmp_path / "db"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 convs in bf16 (vdpbf16ps, 0 in the library)" in printed and "warning: no vdpbf16ps" in printed
+    bf16 = json.loads((out / "manifest.json").read_text())["bf16"]
+    assert "vdpbf16ps" not in bf16["instructions"]["instructions"] and "not tuned" in bf16["warning"]
     assert 1e-4 < bf16["error"]["relative"] < 2e-2  # untuned, it still computes the bf16 products
 
 
