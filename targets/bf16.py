@@ -21,12 +21,16 @@ so no activation changes layout between two bf16 convs. Two routes, by what the 
   channels' pairs. The conv is a TE compute (`conv2d_te`) that MetaSchedule tiles and tensorizes
   with tuning.intrinsics.BF16_INTRIN.
 
-The convs left fp32: the RGB stem (3 channels), depthwise and grouped convs. The output error this
+On AVX512-BF16 a stem whose input is one narrow block (RGB: NCHW3c) runs in bf16 too, its channels
+padded to a whole pair (NCHW4c, a zero channel with zero weights): the 3-channel 7x7 stem of ResNet-18
+took 1.37 ms in fp32 after 600 trials, 14 % of the bf16 network. The convs left fp32: depthwise and
+grouped convs, and on AMX the stem (a tile row is 32 channels). The output error this
 costs is measured by the build on random inputs (the manifest's `bf16.error`), and on a trained task
 by `tensorfold measure` (docs/architecture.md).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +39,8 @@ from .float_layout import conv2d_calls, rewrite_pass
 from .int8.amx import AMX_BF16, AMX_BF16_KERNEL, BF16_FEATURES, BF16_OUT, target_has_amx, tile_kernel
 
 DOT_KERNEL = "conv2d_NCHW16c_bf16"  # the AVX512-BF16 route's TIR function (kept in fused task names)
-DOT_LAYOUTS = ("NCHW16c", "OIHW16o2i", "NCHW16c")  # its data, kernel and out layouts
+DOT_LAYOUTS = ("NCHW16c", "OIHW16o2i", "NCHW16c")  # its data, kernel and out layouts (a stem's data: NCHW4c)
+_BLOCKED = re.compile(r"NCHW(\d+)c")
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,13 @@ def bf16_convs(mod, route: Route):
     conv = is_op("relax.nn.conv2d")(data, weight)
 
     def rewrite(call, matches):
-        kernel = _oihw(call, matches[weight], route.block)
-        if kernel is None:
+        found = _oihw(call, matches[weight], route)
+        if found is None:
             return call
-        return (_amx_conv if route is AMX else _dot_conv)(matches[data], kernel, call.attrs)
+        kernel, in_block = found
+        if route is AMX:
+            return _amx_conv(matches[data], kernel, call.attrs)
+        return _dot_conv(matches[data], kernel, in_block, call.attrs)
 
     mod = tvm.transform.Sequential([rewrite_pass(conv, rewrite, "Bf16Convs"), relax.transform.FoldConstant()])(mod)
     return mod, len(conv2d_calls(mod, is_bf16_conv))
@@ -90,30 +98,47 @@ def is_bf16_conv(call) -> bool:
     """Whether a conv2d call is one of this module's bf16 convs (either route)."""
     attrs = call.attrs
     layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
-    return str(call.args[0].ty.dtype) == "bfloat16" and layouts in (
-        (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT), DOT_LAYOUTS)
+    return str(call.args[0].ty.dtype) == "bfloat16" and (
+        layouts == (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT) or is_dot_layout(layouts))
 
 
-def _oihw(call, weight, block: int) -> np.ndarray | None:
-    """The fp32 OIHW weight of a conv blocked by `block` (NCHW{b}c, OIHW{b}i{b}o, groups 1); None for any other."""
+def is_dot_layout(layouts) -> bool:
+    """The AVX512-BF16 route's (data, kernel, out) layouts: NCHW{even}c, OIHW16o2i, NCHW16c."""
+    data, kernel, out = (str(layout) for layout in layouts)
+    block = _BLOCKED.fullmatch(data)
+    return bool(block) and int(block.group(1)) % 2 == 0 and (kernel, out) == DOT_LAYOUTS[1:]
+
+
+def _oihw(call, weight, route: Route):
+    """(fp32 OIHW weight, input channels per block) of a conv the route runs in bf16, else None: blocked by
+    `route.block` (NCHW{b}c, OIHW{b}i{b}o, groups 1) or, on AVX512-BF16, a stem whose input is one narrower
+    block (e.g. RGB: NCHW3c, OIHW3i16o), whose channels are padded to a whole pair."""
     attrs = call.attrs
-    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
-            f"NCHW{block}c", f"OIHW{block}i{block}o", f"NCHW{block}c") or int(attrs.groups) != 1:
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+    block = _BLOCKED.fullmatch(layouts[0])
+    if block is None or int(attrs.groups) != 1:
+        return None
+    in_block = int(block.group(1))
+    if layouts[1:] != (f"OIHW{in_block}i{route.block}o", f"NCHW{route.block}c"):
         return None
     blocks = weight.value.numpy()
     if blocks.dtype != np.float32:
         return None
     ob, cb, kh, kw, ib, lanes = blocks.shape
-    return np.ascontiguousarray(blocks.transpose(0, 5, 1, 4, 2, 3).reshape(ob * lanes, cb * ib, kh, kw))
+    if in_block != route.block and (route is AMX or cb != 1):
+        return None
+    kernel = np.ascontiguousarray(blocks.transpose(0, 5, 1, 4, 2, 3).reshape(ob * lanes, cb * ib, kh, kw))
+    return kernel, in_block
 
 
-def _bf16_padded(data, attrs):
+def _bf16_padded(data, attrs, extra_channels: int = 0):
+    """`data` rounded to bf16, padded as the conv pads (and by `extra_channels` zero channels in its block)."""
     from tvm import relax
 
     x = relax.op.astype(data, "bfloat16")
     top, left, bottom, right = (int(p) for p in attrs.padding)
-    if top or left or bottom or right:
-        x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right, 0, 0])
+    if top or left or bottom or right or extra_channels:
+        x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right, 0, extra_channels])
     return x
 
 
@@ -134,15 +159,18 @@ def pair_kernel(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(0, 2, 4, 5, 1, 3))
 
 
-def _dot_conv(data, kernel: np.ndarray, attrs):
+def _dot_conv(data, kernel: np.ndarray, in_block: int, attrs):
     import ml_dtypes
     from tvm import relax
 
-    data_layout, kernel_layout, out_layout = DOT_LAYOUTS
-    return relax.op.nn.conv2d(_bf16_padded(data, attrs), relax.const(pair_kernel(kernel.astype(ml_dtypes.bfloat16))),
+    odd = in_block % 2  # a stem's odd channel count (RGB) gets a zero channel, with zero weights
+    if odd:
+        kernel = np.concatenate([kernel, np.zeros_like(kernel[:, :1])], axis=1)
+    _, kernel_layout, out_layout = DOT_LAYOUTS
+    return relax.op.nn.conv2d(_bf16_padded(data, attrs, odd), relax.const(pair_kernel(kernel.astype(ml_dtypes.bfloat16))),
                               strides=attrs.strides, padding=[0, 0, 0, 0], dilation=attrs.dilation,
-                              data_layout=data_layout, kernel_layout=kernel_layout, out_layout=out_layout,
-                              out_dtype="float32")
+                              data_layout=f"NCHW{in_block + odd}c", kernel_layout=kernel_layout,
+                              out_layout=out_layout, out_dtype="float32")
 
 
 def legalize_conv2d(bb, call):

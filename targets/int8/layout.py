@@ -215,13 +215,13 @@ def legalize_conv2d(bb, call):
     layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
                    == (lay.data, lay.kernel, lay.out)), None)
     if layout is None:
-        from ..bf16 import DOT_LAYOUTS, legalize_conv2d as bf16_conv2d
+        from ..bf16 import is_dot_layout, legalize_conv2d as bf16_conv2d
         from .amx import AMX, AMX_BF16, BF16_OUT, legalize_conv2d as amx_conv2d
 
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
         if layouts in ((AMX.data, AMX.kernel, AMX.out), (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT)):
             return amx_conv2d(bb, call)
-        if layouts == DOT_LAYOUTS and str(call.args[0].ty.dtype) == "bfloat16":
+        if is_dot_layout(layouts) and str(call.args[0].ty.dtype) == "bfloat16":
             return bf16_conv2d(bb, call)
         from ..float_layout import legalize_conv2d as float_conv2d
 
