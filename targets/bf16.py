@@ -37,6 +37,7 @@ import numpy as np
 
 from .float_layout import conv2d_calls, rewrite_pass
 from .int8.amx import AMX_BF16, AMX_BF16_KERNEL, BF16_FEATURES, BF16_OUT, target_has_amx, tile_kernel
+from .registry import cpu_has
 
 DOT_KERNEL = "conv2d_NCHW16c_bf16"  # the AVX512-BF16 route's TIR function (kept in fused task names)
 DOT_LAYOUTS = ("NCHW16c", "OIHW16o2i", "NCHW16c")  # its data, kernel and out layouts (a stem's data: NCHW4c)
@@ -58,13 +59,9 @@ AVX512 = Route("avx512-bf16", 16, "vdpbf16ps", DOT_KERNEL, tuned=True)
 
 def route_for(tvm_target: dict) -> Route | None:
     """AMX where the target has AMX-BF16, else AVX512 where it has AVX512-BF16, else None."""
-    import tvm
-    from tvm.target import codegen
-
     if target_has_amx(tvm_target, BF16_FEATURES):
         return AMX
-    if tvm_target.get("kind") == "llvm" and str(tvm_target.get("mtriple", "")).startswith("x86_64") \
-            and codegen.target_has_features("avx512bf16", tvm.target.Target(tvm_target)):
+    if cpu_has(tvm_target, "avx512bf16"):
         from .tuning.intrinsics import register_avx512_bf16
 
         register_avx512_bf16()
@@ -174,7 +171,7 @@ def _dot_conv(data, kernel: np.ndarray, in_block: int, attrs):
 
 
 def legalize_conv2d(bb, call):
-    """call_te of `conv2d_te` for a conv2d in the AVX512-BF16 route's layouts (layout.legalize_conv2d dispatches)."""
+    """call_te of `conv2d_te` for a conv2d in the AVX512-BF16 route's layouts (targets/legalize.py dispatches)."""
     attrs = call.attrs
     return bb.call_te(conv2d_te, call.args[0], call.args[1], [int(s) for s in attrs.strides],
                       [int(d) for d in attrs.dilation], primfunc_name_hint=DOT_KERNEL)
@@ -186,12 +183,13 @@ def conv2d_te(data, kernel, strides, dilation):
     The reduction's innermost pair (ri) and the 16 output lanes are what the intrinsic tensorizes."""
     from tvm import te
 
+    from .legalize import out_size
+
     n, c_blocks, height, width, block = data.shape
     o_blocks, _, kh, kw, lanes, pair = kernel.shape
     sh, sw = strides
     dh, dw = dilation
-    out_h = (height - (kh - 1) * dh - 1) // sh + 1
-    out_w = (width - (kw - 1) * dw - 1) // sw + 1
+    out_h, out_w = out_size(height, kh, sh, dh), out_size(width, kw, sw, dw)
     pairs = block // pair
     rc = te.reduce_axis((0, c_blocks), "rc")
     ry = te.reduce_axis((0, kh), "ry")

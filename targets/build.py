@@ -25,7 +25,7 @@ from .frontend import to_relax
 from .int8.amx import AMX, amx_kernels, target_has_amx
 from .int8.instructions import BF16_INSTRUCTIONS, census
 from .int8.layout import VNNI, dot_layout_for, tensorized_kernels
-from .int8.layout import legalize as legalize_int8_layout
+from .legalize import legalize as legalize_layouts
 from .int8.relax import has_qdq, int8_kernels, lower_qdq
 from .linking import check_toolchain, export
 from .registry import Target, get_target
@@ -216,8 +216,8 @@ def _prepare(mod, target: Target, prepack: bool):
     from tvm import relax
 
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-              # blocked int8 conv2d (targets/int8/layout.py) has no TOPI legalization; the rest is TVM's own
-              legalize_int8_layout(),
+              # the blocked conv2d layouts have no TOPI legalization: targets/legalize.py; the rest is TVM's own
+              legalize_layouts(),
               relax.get_pipeline("zero")]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

@@ -32,17 +32,9 @@ _BLOCKED = re.compile(r"NCHW(\d+)c")
 
 def lanes_for(tvm_target: dict) -> int | None:
     """fp32 lanes of the widest vector `tvm_target` has (x86: 16 with AVX-512, 8 with AVX2), or None."""
-    import tvm
-    from tvm.target import codegen
+    from .registry import cpu_has
 
-    if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
-        return None
-    target = tvm.target.Target(tvm_target)
-    if codegen.target_has_features("avx512f", target):
-        return 16
-    if codegen.target_has_features("avx2", target):
-        return 8
-    return None
+    return 16 if cpu_has(tvm_target, "avx512f") else 8 if cpu_has(tvm_target, "avx2") else None
 
 
 def block_convs(mod, lanes: int):
@@ -166,6 +158,8 @@ def legalize_conv2d(bb, call):
 def _conv2d_te(data, kernel, strides, padding, dilation, depthwise: bool):
     from tvm import te, topi
 
+    from .legalize import out_size
+
     n, c_blocks, height, width, ib = data.shape
     o_blocks, _, kh, kw, _, lanes = kernel.shape
     top, left, bottom, right = padding
@@ -173,8 +167,7 @@ def _conv2d_te(data, kernel, strides, padding, dilation, depthwise: bool):
         data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad")
     sh, sw = strides
     dh, dw = dilation
-    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    out_h, out_w = out_size(height + top + bottom, kh, sh, dh), out_size(width + left + right, kw, sw, dw)
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     if depthwise:

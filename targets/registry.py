@@ -209,3 +209,15 @@ def host_cpu() -> str:
 def list_targets() -> list[Target]:
     """One target per family, in its default form (what `tensorfold targets` prints)."""
     return [make(None) for make in FAMILIES.values()]
+
+
+def cpu_has(tvm_target: dict[str, Any], *features: str, arch: str = "x86_64") -> bool:
+    """Whether `tvm_target` is an LLVM target for `arch` (the triple's first part) with every LLVM feature
+    in `features` (e.g. "avx512bf16"), as TVM reads them from its mcpu and mattr."""
+    import tvm
+    from tvm.target import codegen
+
+    if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith(arch):
+        return False
+    target = tvm.target.Target(tvm_target)
+    return all(codegen.target_has_features(feature, target) for feature in features)

@@ -51,13 +51,9 @@ _ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 def target_has_amx(tvm_target: dict, features=FEATURES) -> bool:
     """Whether `tvm_target` has AMX's int8 tiles (`features`: BF16_FEATURES for its bf16 ones)."""
-    import tvm
-    from tvm.target import codegen
+    from ..registry import cpu_has
 
-    if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
-        return False
-    target = tvm.target.Target(tvm_target)
-    return all(codegen.target_has_features(f, target) for f in features)
+    return cpu_has(tvm_target, *features)
 
 
 def host_amx_mattr() -> list[str]:
@@ -114,6 +110,8 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
     32 (NCHW32c: two C tiles side by side in each pixel's row, stored with a 128-byte row stride)."""
     from tvm.script import tirx as T
 
+    from ..legalize import out_size
+
     r, data_dtype, kernel_dtype, acc_dtype = tiles.reduce, tiles.data_dtype, tiles.kernel_dtype, tiles.acc_dtype
     instruction = tiles.llvm_intrinsic
 
@@ -121,8 +119,7 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
     ob, _, kh_, kw_, _, _ = (int(d) for d in kernel_shape)
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilation)
-    out_h = (height - (kh_ - 1) * dh - 1) // sh + 1
-    out_w = (width - (kw_ - 1) * dw - 1) // sw + 1
+    out_h, out_w = out_size(height, kh_, sh, dh), out_size(width, kw_, sw, dw)
     rows = rows_per_tile(out_w)
     wb = out_w // rows                  # pixel blocks per output row
     blocks = out_h * wb                 # pixel blocks per image
@@ -188,7 +185,7 @@ def conv2d_primfunc(data_shape, kernel_shape, strides, dilation, tiles: DotLayou
 
 
 def legalize_conv2d(bb, call):
-    """call_tir of `conv2d_primfunc` for a conv2d in AMX's layouts (layout.legalize_conv2d dispatches here)."""
+    """call_tir of `conv2d_primfunc` for a conv2d in AMX's layouts (targets/legalize.py dispatches here)."""
     from tvm import relax
 
     attrs = call.attrs

@@ -79,23 +79,19 @@ LAYOUTS = (VNNI, AVX2, SDOT)
 
 def dot_layout_for(tvm_target: dict) -> DotLayout | None:
     """The blocked layout whose instruction `tvm_target` has, or None (conv2d stays NCHW)."""
-    import tvm
-    from tvm.target import codegen
+    from ..registry import cpu_has
 
-    triple = str(tvm_target.get("mtriple", ""))
-    if tvm_target.get("kind") != "llvm":
-        return None
-    if triple.startswith("x86_64") and codegen.target_has_features("avx512vnni", tvm.target.Target(tvm_target)):
+    if cpu_has(tvm_target, "avx512vnni"):
         from ..tuning.intrinsics import register_vnni
 
         register_vnni()
         return VNNI
-    if triple.startswith("x86_64") and codegen.target_has_features("avx2", tvm.target.Target(tvm_target)):
+    if cpu_has(tvm_target, "avx2"):
         from ..tuning.intrinsics import register_avx2
 
         register_avx2()
         return AVX2
-    if triple.startswith("aarch64") and codegen.target_has_features("dotprod", tvm.target.Target(tvm_target)):
+    if cpu_has(tvm_target, "dotprod", arch="aarch64"):
         return SDOT
     return None
 
@@ -201,31 +197,9 @@ def unblock(x, out_shape, padded: int):
     return x
 
 
-def legalize():
-    """LegalizeOps with `legalize_conv2d` for conv2d; every other op legalizes as TVM does."""
-    from tvm import relax
-
-    return relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d})
-
-
 def legalize_conv2d(bb, call):
-    """TE compute for a blocked int8 conv2d (see module doc); other conv2d calls: AMX's, bf16's (targets/bf16.py),
-    float_layout's or TVM's own."""
+    """call_te of the blocked int8 conv2d for a conv2d in one of `LAYOUTS` (targets/legalize.py dispatches)."""
     attrs = call.attrs
-    layout = next((lay for lay in LAYOUTS if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-                   == (lay.data, lay.kernel, lay.out)), None)
-    if layout is None:
-        from ..bf16 import is_dot_layout, legalize_conv2d as bf16_conv2d
-        from .amx import AMX, AMX_BF16, BF16_OUT, legalize_conv2d as amx_conv2d
-
-        layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-        if layouts in ((AMX.data, AMX.kernel, AMX.out), (AMX_BF16.data, AMX_BF16.kernel, BF16_OUT)):
-            return amx_conv2d(bb, call)
-        if is_dot_layout(layouts) and str(call.args[0].ty.dtype) == "bfloat16":
-            return bf16_conv2d(bb, call)
-        from ..float_layout import legalize_conv2d as float_conv2d
-
-        return float_conv2d(bb, call)  # a blocked fp32 conv2d, else TVM's own
     strides = [int(s) for s in attrs.strides]
     dilation = [int(d) for d in attrs.dilation]
     return bb.call_te(_conv2d_blocked_te, call.args[0], call.args[1], strides, dilation,
@@ -235,12 +209,13 @@ def legalize_conv2d(bb, call):
 def _conv2d_blocked_te(data, kernel, strides, dilation):
     from tvm import te
 
+    from ..legalize import out_size
+
     n, c_blocks, height, width, reduce = data.shape
     o_blocks, _, kh, kw, lanes, _ = kernel.shape
     sh, sw = strides
     dh, dw = dilation
-    out_h = (height - (kh - 1) * dh - 1) // sh + 1
-    out_w = (width - (kw - 1) * dw - 1) // sw + 1
+    out_h, out_w = out_size(height, kh, sh, dh), out_size(width, kw, sw, dw)
     rc = te.reduce_axis((0, c_blocks), "rc")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")

@@ -87,7 +87,7 @@ def test_lowering_matches_the_float_qdq_math(tmp_path, blocked):
     from tvm import relax
     import tvm
     from tensorfold.targets.frontend import to_relax
-    from tensorfold.targets.int8.layout import legalize
+    from tensorfold.targets.legalize import legalize
     from tensorfold.targets.int8.relax import lower_qdq
 
     torch.manual_seed(0)
@@ -145,7 +145,8 @@ def test_blocked_conv2d_sums_exactly_what_the_nchw_conv_sums(stride, padding, di
     import tvm
     from tvm import relax
 
-    from tensorfold.targets.int8.layout import blocked_conv2d, legalize, unblock
+    from tensorfold.targets.int8.layout import blocked_conv2d, unblock
+    from tensorfold.targets.legalize import legalize
 
     layout = _host_dot_layout()
     c_in, c_out = channels

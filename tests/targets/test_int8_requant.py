@@ -109,7 +109,7 @@ def _run_lowered(graph, layout, fixed_point, x):
     from tvm import relax
 
     from tensorfold.targets.frontend import to_relax
-    from tensorfold.targets.int8.layout import legalize
+    from tensorfold.targets.legalize import legalize
     from tensorfold.targets.int8.relax import lower_qdq
 
     lowered, lowering = lower_qdq(to_relax(graph)[0], layout, fixed_point=fixed_point)
