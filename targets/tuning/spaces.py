@@ -10,13 +10,16 @@ is not contiguous there), so every candidate failed and the task stayed untuned.
   target's default, whose rules tensorize with sdot;
 - other integer tasks: the generic LLVM rules (LLVM's vectoriser still emits VNNI);
 - bf16 conv2d on AVX512-BF16 (targets/bf16.py): the tensorizing rules with `vdpbf16ps`
-  (intrinsics.BF16_INTRIN).
+  (intrinsics.BF16_INTRIN);
+- blocked fp32 conv2d (targets/float_layout.py, groups 1) on x86: the tensorizing rules with a
+  broadcast-FMA step (intrinsics.register_fma), where it applies (not the RGB stem's 3-channel blocks).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ..bf16 import DOT_KERNEL as BF16_KERNEL
+from ..float_layout import BLOCKED_DEPTHWISE, BLOCKED_KERNEL as FLOAT_KERNEL, lanes_for
 from ..int8.layout import BLOCKED_KERNEL, dot_layout_for
 from ..registry import Target
 
@@ -32,18 +35,20 @@ def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
     x86 = str(target.tvm_target.get("mtriple", "")).startswith("x86_64")
     kinds = [_kind(t, int8_kernels) for t in tasks]
     layout = dot_layout_for(target.tvm_target) if x86 else None  # registers its intrinsic
+    lanes = lanes_for(target.tvm_target)
     makers = {"float": lambda: DEFAULT, "generic": _generic_llvm,
               "blocked": (lambda: _tensorizing(layout.tensor_intrin)) if layout else lambda: DEFAULT,
-              "bf16": _bf16_tensorizing}
+              "bf16": _bf16_tensorizing, "float-blocked": _fma_tensorizing(lanes) if lanes else lambda: DEFAULT}
     return [([t for t, k in zip(tasks, kinds) if k == kind], makers[kind]())
-            for kind in ("float", "generic", "blocked", "bf16") if kind in kinds]
+            for kind in ("float", "float-blocked", "generic", "blocked", "bf16") if kind in kinds]
 
 
 def _kind(task, int8_kernels) -> str:
     if BF16_KERNEL in task.task_name:
         return "bf16"
     if not int8_kernels(task.dispatched[0]):  # a reduction of 8-bit products into int32
-        return "float"
+        return "float-blocked" if FLOAT_KERNEL in task.task_name and BLOCKED_DEPTHWISE not in task.task_name \
+            else "float"
     return "blocked" if BLOCKED_KERNEL in task.task_name else "generic"
 
 
@@ -60,7 +65,17 @@ def _bf16_tensorizing():
     return _tensorizing(BF16_INTRIN)
 
 
-def _tensorizing(intrin: str):
+def _fma_tensorizing(lanes: int):
+    def make():
+        from .intrinsics import register_fma
+
+        # the weights are in the step's order already (OIHW{ib}i{lanes}o); a layout rewrite of them
+        # failed the build's weight prepacking (remove_weight_layout_rewrite_block: "ind.as<PrimVar>()")
+        return _tensorizing(register_fma(lanes), rewrite_layout=False)
+    return make
+
+
+def _tensorizing(intrin: str, rewrite_layout: bool = True):
     """TVM's DefaultX86("vnni") rules and CPU tensorization postprocs, with our intrinsic `intrin`."""
     import tvm.s_tir.meta_schedule as ms
 
@@ -80,5 +95,5 @@ def _tensorizing(intrin: str):
         rule.RandomComputeLocation(),
     ]
     postprocs = [post.DisallowDynamicLoop(), post.RewriteParallelVectorizeUnroll(), post.RewriteReductionBlock(),
-                 post.RewriteTensorize(vectorize_init_loop=True), post.RewriteLayout()]
+                 post.RewriteTensorize(vectorize_init_loop=True)] + ([post.RewriteLayout()] if rewrite_layout else [])
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs="llvm")

@@ -187,3 +187,67 @@ def test_a_failing_layout_conversion_leaves_the_nchw_graph_and_says_why(tmp_path
     assert report["convs"] == 0 and "ConvertLayout failed: RuntimeError: std::bad_alloc" in report["kept_nchw"]
     got = next(iter(load_artifact(artifact.path)(x.numpy()).values()))
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
+
+
+@needs_lanes
+def test_the_fma_step_tensorizes_the_blocked_conv_and_computes_it(tmp_path):
+    """The tuning space's intrinsic (C[lanes] += A[4] x B[4, lanes]) replaces the conv's inner loops exactly."""
+    import subprocess
+
+    import tvm
+    from tvm import s_tir, te
+
+    from tensorfold.targets.float_layout import BLOCKED_KERNEL, _conv2d_te
+    from tensorfold.targets.tuning.intrinsics import register_fma
+
+    lanes = HOST_LANES
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2 * lanes, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((2 * lanes, 2 * lanes, 3, 3)).astype(np.float32)
+    data = np.ascontiguousarray(x.reshape(1, 2, lanes, 9, 11).transpose(0, 1, 3, 4, 2))
+    kernel = np.ascontiguousarray(w.reshape(2, lanes, 2, lanes, 3, 3).transpose(0, 2, 4, 5, 3, 1))
+    d = te.placeholder(data.shape, "float32", name="data")
+    k = te.placeholder(kernel.shape, "float32", name="kernel")
+    out = _conv2d_te(d, k, (1, 2), [1, 1, 1, 1], (1, 1), False)
+    sch = s_tir.Schedule(te.create_prim_func([d, k, out]))
+    block = sch.get_sblock(BLOCKED_KERNEL)
+    b, ob, y, x_, oi, rc, ry, rx, ri = sch.get_loops(block)
+    ri_outer, ri_inner = sch.split(ri, [None, 4])
+    sch.reorder(b, ob, y, rc, ry, rx, ri_outer, x_, oi, ri_inner)
+    sch.decompose_reduction(block, rc)
+    sch.tensorize(oi, register_fma(lanes))  # fails unless the compute is exactly the intrinsic's step
+    lib = tvm.compile(sch.mod, target=get_target("x86").tvm())
+    result = tvm.runtime.tensor(np.zeros((1, 2, 9, 6, lanes), np.float32))
+    lib["main"](tvm.runtime.tensor(data), tvm.runtime.tensor(kernel), result)
+    got = result.numpy().transpose(0, 1, 4, 2, 3).reshape(1, 2 * lanes, 9, 6)
+    want = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), stride=(1, 2), padding=1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    library = tmp_path / "kernel.so"
+    lib.export_library(str(library))
+    register = "zmm" if lanes == 16 else "ymm"
+    code = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True).stdout
+    assert any("vfmadd" in line and register in line for line in code.splitlines())
+
+
+@needs_lanes
+def test_blocked_float_convs_tune_in_the_fma_space_and_compute_what_torch_computes(tmp_path):
+    import tvm.s_tir.meta_schedule as ms
+
+    from tensorfold.targets.build import _prepare
+    from tensorfold.targets.tuning.spaces import spaces
+
+    graph, module, x = _graph(Mixed())
+    target = get_target("x86")
+    mod, _ = block_convs(to_relax(graph)[0], HOST_LANES)
+    tasks = ms.relax_integration.extract_tasks(_prepare(mod, target, True), target.tvm())
+    groups = {tuple(sorted(t.task_name for t in group)): space for group, space in spaces(tasks, target)}
+    fma = [names for names, space in groups.items() if space != "post-order-apply"]
+    assert len(fma) == 1  # one group with the tensorizing rules: the groups-1 blocked convs, not the depthwise
+    assert all("conv2d_NCHWc_float" in n and "depthwise" not in n for n in fma[0])
+    assert any("depthwise_conv2d_NCHWc_float" in n for names in groups for n in names if names not in fma)
+    artifact = tf.build(graph, "x86", tmp_path / "tuned", tune_trials=16, progress=False, tuning_db=tmp_path / "db")
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = next(iter(load_artifact(artifact.path)(x.numpy()).values()))
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
+    assert artifact.manifest["tuning"]["trials_spent"] > 0
