@@ -25,8 +25,8 @@ from .frontend import to_relax
 from .int8.amx import AMX, amx_kernels, target_has_amx
 from .int8.instructions import BF16_INSTRUCTIONS, census
 from .int8.layout import VNNI, dot_layout_for, tensorized_kernels
-from .legalize import legalize as legalize_layouts
 from .int8.relax import has_qdq, int8_kernels, lower_qdq
+from .legalize import legalize as legalize_layouts
 from .linking import check_toolchain, export
 from .registry import Target, get_target
 from .tuning.tune import TuningSummary, default_database_dir, tune

@@ -170,11 +170,6 @@ def register_avx512_bf16() -> None:
 FMA_REDUCE = 4  # input channels per tensorized step: 4 broadcasts, 4 FMAs into one vector
 
 
-def fma_intrin(lanes: int) -> str:
-    """The name of `register_fma(lanes)`'s intrinsic."""
-    return f"tensorfold_fma_{lanes}x{FMA_REDUCE}_f32"
-
-
 def register_fma(lanes: int) -> str:
     """Register C[lanes] f32 += A[k] * B[k, lanes] for k < FMA_REDUCE: a broadcast and an FMA per k, for the
     blocked fp32 conv (float_layout.py: data NCHW{ib}c, kernel OIHW{ib}i{lanes}o, lanes 16 on AVX-512, 8 on
@@ -186,7 +181,7 @@ def register_fma(lanes: int) -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    name, k_, vector = fma_intrin(lanes), FMA_REDUCE, f"float32x{lanes}"
+    name, k_, vector = f"tensorfold_fma_{lanes}x{FMA_REDUCE}_f32", FMA_REDUCE, f"float32x{lanes}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
