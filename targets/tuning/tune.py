@@ -167,6 +167,16 @@ def _check_remote(target: Target) -> None:
                           f"tracker {placement.host}:{placement.port} (registered: {keys or 'none'})")
 
 
+# Each candidate timed as the network runs it: caches flushed before every call but for its first
+# argument (the activations, which the kernel before it has just written), so the weights come from
+# memory. MetaSchedule's default (3 calls back to back, >= 100 ms) times them hot, and a model's weights
+# (45 MB for ResNet-18 in fp32) do not stay in cache between layers. Measured on the Zen 4, ResNet-18
+# fp32, 200 trials each, one run each: the tuned tasks summed to 22.9 ms hot-timed and the network ran 24.6 ms;
+# cold-timed, 21.9 and 22.0 ms (docs/toolchain.md). CPU targets only: the flush reads its arguments as
+# host memory.
+COLD_CACHE = {"number": 1, "repeat": 10, "min_repeat_ms": 0, "enable_cpu_cache_flush": True}
+
+
 def _runner(target: Target):
     """LocalRunner here; for a device behind a tracker, MetaSchedule's RPCRunner (one session at a time)."""
     import tvm.s_tir.meta_schedule as ms
@@ -174,7 +184,9 @@ def _runner(target: Target):
     from . import worker as tuning_worker
 
     if target.runs_here:
-        return ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC)
+        cpu = target.tvm_target["kind"] == "llvm"
+        return ms.runner.LocalRunner(timeout_sec=TIMEOUT_SEC,
+                                     evaluator_config=ms.runner.EvaluatorConfig(**COLD_CACHE) if cpu else None)
     placement = target.placement
     config = ms.runner.RPCConfig(tracker_host=placement.host, tracker_port=placement.port,
                                  tracker_key=placement.key, session_timeout_sec=TIMEOUT_SEC)
