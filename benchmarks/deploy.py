@@ -7,10 +7,14 @@ whole model has the FLOPs deploy's result has. All three (original, deploy, FLOP
 measured in one `tf.measure` run on onnxruntime (interleaved; accuracy on the task's test set for a
 task). Printed: predicted vs measured latency (the latency model's error), measured speed-up,
 FLOPs, accuracy, and the layers deploy refused (replacements with fewer FLOPs, not faster on the target).
+With --train-data (tasks only) deploy fine-tunes on the task's training split (--finetune-epochs,
+distilled from the original), and the FLOP-based model gets the same epochs, so accuracy compares
+like for like.
 
     python benchmarks/deploy.py                                   # resnet18-digits at --speedup 2
     python benchmarks/deploy.py --models resnet18-digits torchvision:resnet18 --speedup 2 4
     python benchmarks/deploy.py --report out/deploy_bench.json
+    python benchmarks/deploy.py --speedup 4 --train-data --finetune-epochs 3
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchvision models: planted low-rank weights (default) or random ones")
     parser.add_argument("--target", default="x86")
     parser.add_argument("--rounds", type=int, default=20, help="tf.measure rounds (default 20)")
+    parser.add_argument("--train-data", action="store_true",
+                        help="tasks: fine-tune deploy's model and the FLOP-based one on the task's training split")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="with --train-data (default 3)")
     parser.add_argument("--work-dir", help="deploy output folders (default: a temporary folder)")
     parser.add_argument("--report", help="write the rows as JSON here")
     return parser
@@ -64,13 +71,18 @@ def load_model(model: str, weights: str):
 def run_one(model: str, speedup: float, args, work: str) -> dict:
     out = os.path.join(work, f"{model.replace(':', '_')}_{args.weights}_x{speedup:g}")
     given, original = load_model(model, args.weights)
-    deployed = tf.deploy(given, args.target, out, speedup=speedup, rounds=args.rounds, progress=True)
+    task = task_name(model)
+    if args.train_data and task is None:
+        raise SystemExit(f"--train-data: {model} is not a task, so it has no training split")
+    training = {"train_data": task, "finetune_epochs": args.finetune_epochs} if args.train_data else {}
+    deployed = tf.deploy(given, args.target, out, speedup=speedup, rounds=args.rounds, progress=True, **training)
     report = deployed.report
     folded, _ = tf.compress(original, "fold_bn")
     ratio = report["compress"]["flops_after"] / report["compress"]["flops_before"]
     b = budget_fraction(folded, ratio)
     flops_based, flops_report = tf.compress(original, f"fold_bn, tucker2(budget=flops:{b:.4f})")
-    task = task_name(model)
+    if training:  # the same epochs, distilled from the same teacher as deploy's
+        flops_based, _ = tf.finetune(flops_based, task, epochs=args.finetune_epochs, teacher=folded, progress=True)
     candidates = [("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)]
     if report["int8"].get("int8"):  # deploy's fp32 model too: the same FLOPs as flops-based, before int8
         candidates.insert(2, ("deploy fp32", tf.load(os.path.join(out, "stages", "compressed.onnx"))))
@@ -95,7 +107,9 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
             "int8_first": report["int8_first"], "predicted_ms":
             report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
             "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
-            "flops_ratio": ratio, "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})",
+            "flops_ratio": ratio, "finetune_epochs": args.finetune_epochs if training else 0,
+            "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})"
+                                    + (f", finetune(epochs={args.finetune_epochs})" if training else ""),
             "flops_based_flops_ratio": flops_report.flops_after / flops_report.flops_before,
             "same_run": {"original_ms": ms("original"), "deploy_ms": ms("deploy"), "flops_based_ms": ms("flops-based"),
                          "deploy_speedup": ms("original") / ms("deploy"),
@@ -118,7 +132,9 @@ def main(argv=None) -> int:
             rows.append(row)
             same = row["same_run"]
             top1 = {k: ("" if v is None else f"{100 * v:.2f} %") for k, v in same["top1"].items()}
-            print(f"\n{model} ({row['weights']} weights) --speedup {speedup:g} on {row['machine']}, {row['engine']} {row['threads']} threads:")
+            print(f"\n{model} ({row['weights']} weights) --speedup {speedup:g} on {row['machine']}, {row['engine']} "
+                  f"{row['threads']} threads" + (f", both fine-tuned {row['finetune_epochs']} epoch(s)"
+                                                 if row["finetune_epochs"] else "") + ":")
             print(f"  deploy: {'met' if row['deploy_verdict']['met'] else 'NOT met'} "
                   f"({row['deploy_verdict']['summary']})")
             print(f"  predicted {row['predicted_ms']:.3f} ms, measured {row['deploy_measured_ms']:.3f} ms "
