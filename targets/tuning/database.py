@@ -9,6 +9,9 @@ were it opened anyway, the next append would be glued onto the broken line. So e
 is checked here first: a line that is not JSON of the shape the loader expects is dropped,
 records are renumbered to the workloads kept, and the files are rewritten atomically.
 
+A record can also be well-formed and still fail to load: its schedule does not replay on its
+workload (drop_unreplayable_records says when); those are dropped when the load fails, the rest kept.
+
 Two processes must not write one database at once: each appends with its own count of the
 workload lines, so interleaved appends leave records that name the wrong workload (every line
 still parses; the loader then fails with "parallel_for_dynamic error"). `database_lock` makes
@@ -46,6 +49,7 @@ class DatabaseRepair:
     directory: str
     dropped: dict[str, list[int]] = field(default_factory=dict)   # file name -> damaged lines
     orphaned: list[int] = field(default_factory=list)  # record lines whose workload line was dropped
+    unreplayable: list[int] = field(default_factory=list)  # record lines whose schedule fails on their workload
 
     def messages(self) -> list[str]:
         texts = [f"{name}: dropped {len(lines)} damaged line(s) (line {_spans(lines)}): not the JSON "
@@ -54,6 +58,11 @@ class DatabaseRepair:
         if self.orphaned:
             texts.append(f"{RECORD_FILE}: dropped {len(self.orphaned)} record(s) (line {_spans(self.orphaned)}) "
                          "whose workload line was damaged or missing")
+        if self.unreplayable:
+            texts.append(f"{RECORD_FILE}: dropped {len(self.unreplayable)} record(s) (line "
+                         f"{_spans(self.unreplayable)}) whose schedule does not replay on their workload: tuned for "
+                         "a structurally equal workload whose blocks are named otherwise (another model, or "
+                         "another import of this one)")
         return texts
 
 
@@ -117,14 +126,54 @@ def open_database(directory: str, target: Target, create: bool):
     # records replay as traces that name tensor intrinsics (tensorize): a process that has not built
     # int8 yet must know them before loading, or every record fails to load
     load_for(target.tvm_target)
+
+    def load():
+        return ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
+                                        path_tuning_record=os.path.join(directory, RECORD_FILE))
     try:
-        database = ms.database.JSONDatabase(path_workload=os.path.join(directory, WORKLOAD_FILE),
-                                            path_tuning_record=os.path.join(directory, RECORD_FILE))
+        try:
+            database = load()
+        except Exception:  # noqa: BLE001 - one record that does not replay fails the whole load
+            repair.unreplayable = drop_unreplayable_records(directory)
+            if not repair.unreplayable:
+                raise
+            logger.warning("tuning database %s: %s", directory, repair.messages()[-1])
+            database = load()
     except Exception as e:  # noqa: BLE001 - lines that are JSON of the right shape but not loadable
         raise BuildError(f"tuning database {directory} could not be opened after checking each line: "
                          f"{type(e).__name__}: {str(e)[:500]}; move the folder aside or choose another "
                          "--tuning-db") from e
     return database, repair
+
+
+def drop_unreplayable_records(directory: str) -> list[int]:
+    """Drop the records whose schedule does not replay on their workload; their 1-based line numbers.
+
+    MetaSchedule commits a task's records to a structurally equal workload the database already holds,
+    with the trace of the new task, whose blocks can be named otherwise (seen here: a ResNet-18 tuned
+    once from an ONNX file and again from torch, "lv88_red" against "lv85_red"). The next load replays
+    every trace on its stored workload and fails on such a record, taking the whole database with it.
+    Nothing is dropped when a workload line itself does not load (that is not this failure)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    record_path = os.path.join(directory, RECORD_FILE)
+    try:
+        workloads = [ms.database.Workload.from_json(json.loads(line))
+                     for line in _read_lines(os.path.join(directory, WORKLOAD_FILE))[0]]
+    except Exception:  # noqa: BLE001
+        return []
+    lines = _read_lines(record_path)[0]
+    kept, dropped = [], []
+    for number, line in enumerate(lines):
+        index, record = json.loads(line)  # the shape was checked by repair_database
+        try:
+            ms.database.TuningRecord.from_json(record, workloads[index])
+            kept.append(line)
+        except Exception:  # noqa: BLE001 - TVM raises its own error types here
+            dropped.append(number + 1)
+    if dropped:
+        _write_lines(record_path, kept)
+    return dropped
 
 
 def has_record(database, task, tvm_target) -> bool:

@@ -117,6 +117,45 @@ def test_lines_of_the_right_shape_that_tvm_cannot_load_give_an_error_naming_the_
         open_database(str(tmp_path), get_target("x86"), create=False)
 
 
+def _real_workload_and_record(block: str, seconds: float) -> tuple[str, str]:
+    """A workload line and a record line as MetaSchedule writes them: a 64-element kernel whose block is
+    "y", and a schedule (split by 16) whose trace names `block`."""
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import s_tir, te
+
+    x = te.placeholder((64,), "float32", name="x")
+    mod = tvm.IRModule({"main": te.create_prim_func([x, te.compute((64,), lambda i: x[i] * 2.0, name="y")])})
+    sch = s_tir.Schedule(mod)
+    sch.split(sch.get_loops(sch.get_sblock("y"))[0], [None, 16])
+    workload = ms.database.Workload(mod)
+    record = ms.database.TuningRecord(sch.trace, workload, run_secs=[seconds],
+                                      target=tvm.target.Target({"kind": "llvm"}),
+                                      args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    trace = json.dumps(record.as_json()).replace('["y", "main"]', json.dumps([block, "main"]))
+    return json.dumps(workload.as_json()), f"[0, {trace}]"
+
+
+def test_records_whose_schedule_does_not_replay_are_dropped_and_the_rest_load(tmp_path, caplog):
+    # what a second import of the same model writes: a structurally equal workload is already in the
+    # database, and the new task's records name its own blocks ("lv88_red" where the stored one has "y")
+    from tensorfold.targets import get_target
+
+    workload, good = _real_workload_and_record("y", 2e-5)
+    _, foreign = _real_workload_and_record("lv88_red", 1e-5)
+    assert "lv88_red" in foreign
+    _write(tmp_path, WORKLOAD_FILE, [workload])
+    _write(tmp_path, RECORD_FILE, [good, foreign, good])
+
+    database, repair = open_database(str(tmp_path), get_target("x86"), create=False)
+
+    assert repair.unreplayable == [2]
+    assert "line 2" in repair.messages()[-1] and "does not replay" in repair.messages()[-1]
+    assert _lines(tmp_path, RECORD_FILE) == [good, good]
+    assert len(database) == 2
+    assert "does not replay" in caplog.text
+
+
 # A second process that takes the folder's lock, says so on stdout, and holds it until its stdin closes.
 HOLDER = textwrap.dedent("""
     import sys
