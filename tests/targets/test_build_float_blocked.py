@@ -244,7 +244,12 @@ def test_blocked_float_convs_tune_in_the_fma_space_and_compute_what_torch_comput
     fma = [names for names, space in groups.items() if space != "post-order-apply"]
     assert len(fma) == 1  # one group with the tensorizing rules: the groups-1 blocked convs, not the depthwise
     assert all("conv2d_NCHWc_float" in n and "depthwise" not in n for n in fma[0])
-    assert any("depthwise_conv2d_NCHWc_float" in n for names in groups for n in names if names not in fma)
+    default = [n for names in groups for n in names if names not in fma]
+    assert any("depthwise_conv2d_NCHWc_float" in n for n in default)
+    # of the 4 groups-1 blocked convs, the RGB stem (a block of 3 input channels: no whole step of 4)
+    # keeps the default space
+    stem = [n for n in default if "conv2d_NCHWc_float" in n and "depthwise" not in n]
+    assert len(fma[0]) == 3 and len(stem) == 1 and "subtract" in stem[0]  # the unfolded BN follows the stem
     artifact = tf.build(graph, "x86", tmp_path / "tuned", tune_trials=16, progress=False, tuning_db=tmp_path / "db")
     with torch.no_grad():
         expected = module(x).numpy()
