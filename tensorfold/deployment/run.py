@@ -429,6 +429,12 @@ class _Deploy:
         plan = self.plan
         if not plan["training"] or not recipe.finetune_epochs:
             return graph, key
+        if all(choice.method == "original" for choice in recipe.layers):
+            # the model is the original (int8 alone, say, reached the goal): distilling it from itself
+            # would cost the epochs and change nothing worth having
+            self.say("fine-tune: skipped, no layer was replaced")
+            recipe.finetune_epochs = 0
+            return graph, key
         import tensorfold as tf
 
         key = fingerprint("finetuned/1", key, plan["train_name"], recipe.finetune_epochs)

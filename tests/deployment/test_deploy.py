@@ -345,6 +345,26 @@ def test_when_int8_alone_reaches_the_goal_no_layer_is_factorized(env, monkeypatc
     assert result.report["int8"]["int8_ms"] == pytest.approx(1 / 2.5)
 
 
+def test_with_train_data_a_model_with_no_layer_replaced_is_not_fine_tuned(env, monkeypatch, tmp_path):
+    import numpy as np
+
+    import tensorfold as tf
+
+    root, _ = env
+    _flop_table(monkeypatch, tmp_path)
+    _scripted_checks(monkeypatch, [0.95] * 3)
+    _scripted_int8(monkeypatch, [2.5])  # int8 alone reaches 2x
+    monkeypatch.setattr(tf, "finetune", lambda *a, **k: pytest.fail("fine-tuned a model with no layer replaced"))
+    rng = np.random.default_rng(0)
+    training = (rng.standard_normal((8, 32, 32, 32)).astype(np.float32), rng.integers(0, 10, 8))
+    out = root / "int8-alone-trained"
+    result = deploy(_conv_graph(), "x86", out, speedup=2.0, calibration=_calibration(), train_data=training,
+                    finetune_epochs=2, rounds=ROUNDS, progress=False)
+    assert set(result.report["selection"]["choices"].values()) == {"original"}
+    assert result.report["int8"]["int8"] and not (out / "stages" / "finetuned.json").exists()
+    assert "finetune_epochs = 0" in (out / "recipe.toml").read_text()  # what was done, not what was asked
+
+
 def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch, tmp_path):
     root, _ = env
     _flop_table(monkeypatch, tmp_path)  # goals 0.75 and 0.55 of the original choose different factors
