@@ -171,9 +171,9 @@ def _check_remote(target: Target) -> None:
 # argument (the activations, which the kernel before it has just written), so the weights come from
 # memory. MetaSchedule's default (3 calls back to back, >= 100 ms) times them hot, and a model's weights
 # (45 MB for ResNet-18 in fp32) do not stay in cache between layers. Measured on the Zen 4, ResNet-18
-# fp32, 200 trials each, one run each: the tuned tasks summed to 22.9 ms hot-timed and the network ran 24.6 ms;
-# cold-timed, 21.9 and 22.0 ms (docs/toolchain.md). CPU targets only: the flush reads its arguments as
-# host memory.
+# fp32, 200 trials each, one run each: the tuned tasks summed to 22.9 ms hot-timed and the network ran
+# 24.6 ms; cold-timed, 21.9 and 22.0 ms (docs/toolchain.md). CPU targets only: the flush reads its
+# arguments as host memory.
 COLD_CACHE = {"number": 1, "repeat": 10, "min_repeat_ms": 0, "enable_cpu_cache_flush": True}
 
 
