@@ -39,7 +39,7 @@ def spaces(tasks, target: Target) -> list[tuple[list, Any]]:
     kinds = [_kind(t, int8_kernels, lanes) for t in tasks]
     makers = {"float": lambda: DEFAULT, "generic": _generic_llvm,
               "blocked": (lambda: _tensorizing(layout.tensor_intrin)) if layout else lambda: DEFAULT,
-              "bf16": _bf16_tensorizing, "float-blocked": _fma_tensorizing(lanes) if lanes else lambda: DEFAULT}
+              "bf16": _bf16_tensorizing, "float-blocked": _fma_tensorizing(lanes)}  # _kind: only where lanes fit
     return [([t for t, k in zip(tasks, kinds) if k == kind], makers[kind]())
             for kind in ("float", "float-blocked", "generic", "blocked", "bf16") if kind in kinds]
 
