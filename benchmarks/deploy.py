@@ -85,7 +85,9 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
         flops_based, _ = tf.finetune(flops_based, task, epochs=args.finetune_epochs, teacher=folded, progress=True)
     candidates = [("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)]
     if report["int8"].get("int8"):  # deploy's fp32 model too: the same FLOPs as flops-based, before int8
-        candidates.insert(2, ("deploy fp32", tf.load(os.path.join(out, "stages", "compressed.onnx"))))
+        stages = os.path.join(out, "stages")
+        fp32 = "finetuned.onnx" if report.get("finetune_epochs") else "compressed.onnx"
+        candidates.insert(2, ("deploy fp32", tf.load(os.path.join(stages, fp32))))
         # and flops-based with int8 on the same calibration data (the task's: deploy keeps int8 only with
         # calibration data), the like-for-like of what deploy delivered
         flops_int8, _ = tf.compress(flops_based, "int8", calibration=task)

@@ -3,7 +3,8 @@
 Default: every weight trains, BatchNorm statistics and dropout stay fixed (eval mode: the small
 batches of a fine-tune would make the statistics noisy, and after fold_bn there are none);
 `freeze=first|last|<glob>` keeps layers as they are. One sample in ten is held out: its score
-before and after each epoch is in the report; the test set is never touched.
+before and after each epoch is in the report, and the weights kept are those that score best on
+it (keep=best, the starting ones included); the test set is never touched.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ OPTIONS = {
     "holdout": Option(float, 0.1, "fraction of the training data held out to score each epoch"),
     "seed": Option(int, 0, "seed of the shuffles, the held-out split and dropout"),
     "backoff": Option(int, 2, "times training may restart from the starting weights at lr/10 when the held-out "
-                      "score collapses after an epoch or the loss stops being finite (0: never)"),
+                      "score collapses after an epoch, the loss stops being finite, or (keep=best) no epoch reaches "
+                      "the starting score (0: never)"),
+    "keep": Option(str, "best", "best: the weights with the best held-out score, the starting ones included "
+                   "(fine-tuning never delivers a model worse on the held-out data than it was given); last: the "
+                   "last epoch's"),
 }
 
 
@@ -55,7 +60,7 @@ def fit_options(options: dict[str, Any]) -> FitOptions:
     return FitOptions(epochs=options["epochs"], lr=options["lr"], batch=options["batch"],
                       optimizer=options["optimizer"], weight_decay=options["weight_decay"], alpha=options["alpha"],
                       temperature=options["temperature"], bn=options["bn"], seed=options["seed"],
-                      backoff=options["backoff"])
+                      backoff=options["backoff"], keep_best=options["keep"] == "best")
 
 
 def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teacher: Graph | None = None,
@@ -97,6 +102,12 @@ def finetune_graph(graph: Graph, data: Labelled, options: dict[str, Any], teache
                     if teacher is not None else "none"),
         "training seconds": round(history.seconds, 2),
     }
+    if history.kept is not None:
+        report.summary["kept"] = ("the starting weights (no epoch beat them held out)" if history.kept["epoch"] == 0
+                                  else f"epoch {history.kept['epoch']} at lr {history.kept['lr']:g}")
+        if history.kept["epoch"] == 0:
+            report.warnings.append(f"{label}: no epoch improved the held-out {metric} "
+                                   f"({history.before:.4f}); the model is returned as it was given")
     if history.backoffs:
         report.summary["lr"] = history.lr
         report.summary["lr back-offs"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in b.items()}
@@ -129,6 +140,8 @@ def _check_options(options: dict[str, Any], label: str) -> None:
         raise PipelineError(f"{label}: backoff={options['backoff']} must be 0 or more")
     if not 0 < options["holdout"] < 1:
         raise PipelineError(f"{label}: holdout={options['holdout']} must lie in (0, 1)")
+    if options["keep"] not in ("best", "last"):
+        raise PipelineError(f"{label}: keep={options['keep']!r}; expected best or last")
     if not 0 <= options["alpha"] <= 1 or not options["temperature"] > 0:
         raise PipelineError(f"{label}: alpha must lie in [0, 1] and temperature be positive")
 

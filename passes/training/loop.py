@@ -55,6 +55,7 @@ class FitOptions:
     bn: str = "frozen"             # frozen: eval mode (BatchNorm statistics and dropout fixed); train
     seed: int = 0
     backoff: int = 0               # restarts at lr / 10 allowed when the held-out score collapses (see fit)
+    keep_best: bool = False        # end on the best held-out weights seen, the starting ones included (see fit)
 
 
 @dataclass
@@ -65,10 +66,16 @@ class FitHistory:
     seconds: float = 0.0
     lr: float = 0.0                              # the rate of the run that was kept
     backoffs: list[dict[str, float]] = field(default_factory=list)  # runs abandoned, each at its rate
+    kept: dict[str, float] | None = None         # keep_best: the weights kept {"lr", "epoch" (0: the start), score}
 
     @property
     def after(self) -> float:
+        if self.kept is not None:
+            return self.kept[f"heldout_{self.metric}"]
         return self.epochs[-1][f"heldout_{self.metric}"] if self.epochs else self.before
+
+    def better(self, score: float, than: float) -> bool:
+        return score > than if self.metric == "top1" else score < than
 
 
 def outputs(module: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -115,7 +122,12 @@ def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, 
     or whose loss stops being finite is abandoned: the weights go back to where they started and
     training restarts at lr / 10, at most `backoff` times. A rate that suits a small model can wreck
     a deep BN-folded one in a single epoch (ResNet-18: held-out 79 % -> chance at Adam 1e-3), and a
-    user should not have to find that out."""
+    user should not have to find that out.
+
+    With `options.keep_best`, the module ends on the best held-out weights seen in any run, the
+    starting ones included (`history.kept` says which), and a run none of whose epochs reaches the
+    starting score backs off too: a Tucker-2 ResNet-18 at Adam 1e-3 went 92.8 % -> 85.6 -> 90.7 %
+    held out without collapsing, and the last epoch was what it delivered."""
     if options.bn not in ("frozen", "train"):
         raise PipelineError(f"{label}: bn={options.bn!r}; expected frozen or train")
     if options.schedule not in ("cosine", "constant"):
@@ -124,12 +136,21 @@ def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, 
         raise PipelineError(f"{label}: nothing to train (every layer frozen)")
     history = FitHistory("top1" if train.classification else "mse", score(module.eval(), heldout))
     started = time.perf_counter()
-    initial = {k: v.detach().clone() for k, v in module.state_dict().items()} if options.backoff else None
+    initial = _snapshot(module) if options.backoff or options.keep_best else None
+    best = {"lr": options.lr, "epoch": 0, "score": history.before, "state": initial}
+
+    def keep(epoch: int, held: float) -> None:  # the best weights so far, when asked to keep them
+        if options.keep_best and history.better(held, best["score"]):
+            best.update(lr=history.lr, epoch=epoch, score=held, state=_snapshot(module))
+
     lr = options.lr
     for attempt in range(options.backoff + 1):
         history.epochs, history.lr = [], lr
+        last_try = attempt == options.backoff
         failure = _run(module, parameters, train, heldout, options, lr, teacher_outputs, label, progress, penalty,
-                       history, last_try=attempt == options.backoff)
+                       history, last_try, keep)
+        if failure is None and options.keep_best and not last_try and not _reached_start(history):
+            failure = {"epoch": len(history.epochs), "ended": history.epochs[-1][f"heldout_{history.metric}"]}
         if failure is None:
             break
         history.backoffs.append({"lr": lr, **failure, "why": _describe(failure, history)})
@@ -137,14 +158,31 @@ def fit(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, 
                        f"at lr {lr / 10:g}")
         module.load_state_dict(initial)
         lr /= 10
+    if options.keep_best:
+        module.load_state_dict(best["state"])
+        history.kept = {"lr": best["lr"], "epoch": best["epoch"], f"heldout_{history.metric}": best["score"]}
+        if best["epoch"] == 0:
+            _say(progress, f"{label}: no epoch beat the starting held-out {history.metric} {history.before:.4f}; "
+                           "the starting weights are kept")
     history.seconds = time.perf_counter() - started
     module.eval()
     return history
 
 
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _reached_start(history: FitHistory) -> bool:
+    """Some epoch of the last run scored at least as well as the start on the held-out data."""
+    key = f"heldout_{history.metric}"
+    return any(not history.better(history.before, e[key]) for e in history.epochs)
+
+
 def _run(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled, heldout: Labelled,
          options: FitOptions, lr: float, teacher_outputs: np.ndarray | None, label: str, progress: bool,
-         penalty: Callable[[], torch.Tensor] | None, history: FitHistory, last_try: bool) -> dict | None:
+         penalty: Callable[[], torch.Tensor] | None, history: FitHistory, last_try: bool,
+         keep: Callable[[int, float], None]) -> dict | None:
     """One training run at `lr`, epochs appended to `history`; a failure description to back off on, or None."""
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     teacher = None if teacher_outputs is None else torch.from_numpy(np.asarray(teacher_outputs, np.float32))
@@ -184,6 +222,7 @@ def _run(module: nn.Module, parameters: Sequence[nn.Parameter], train: Labelled,
                 held = score(module, heldout)
                 history.epochs.append({"epoch": epoch + 1, "loss": total / len(y), f"heldout_{history.metric}": held})
                 end_epoch(epoch + 1, total / len(y), history.metric, held)
+                keep(epoch + 1, held)
                 if not last_try and collapsed(history.before, held, train.classification, _constant(heldout)):
                     return {"epoch": epoch + 1, "heldout": held}
     return None
@@ -207,9 +246,12 @@ def _constant(data: Labelled) -> float:
 
 
 def _describe(failure: dict, history: FitHistory) -> str:
+    name = "accuracy" if history.metric == "top1" else "MSE"
     if "heldout" in failure:
-        name = "accuracy" if history.metric == "top1" else "MSE"
         return f"held-out {name} went {history.before:.4f} -> {failure['heldout']:.4f} in epoch {failure['epoch']}"
+    if "ended" in failure:
+        return (f"no epoch reached the starting held-out {name} {history.before:.4f} (epoch {failure['epoch']}: "
+                f"{failure['ended']:.4f})")
     return f"the loss became {failure['loss']} in epoch {failure['epoch']}"
 
 

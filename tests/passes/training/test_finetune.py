@@ -54,11 +54,11 @@ def test_finetune_recovers_a_damaged_model_and_keeps_its_structure(digits_damage
 
 def test_a_rate_that_wrecks_the_model_backs_off_to_one_that_does_not(digits_damaged):
     original, _ = digits_damaged
-    _, plain = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=0)
+    _, plain = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=0, keep="last")
     before = plain.summary["held-out accuracy before"]
     assert plain.summary["held-out accuracy after"] < before - 0.2        # Adam at lr 1 wrecks a trained model
     assert "lr back-offs" not in plain.summary
-    tuned, report = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=4)
+    tuned, report = tf.finetune(original, "digits", epochs=1, lr=1.0, distill=False, backoff=4, keep="last")
     offs = report.summary["lr back-offs"]
     assert [b["lr"] for b in offs] == pytest.approx([10.0 ** -i for i in range(len(offs))])
     assert all(b["heldout"] < before - 0.05 and b["epoch"] == 1 for b in offs)  # each abandoned run did collapse
@@ -67,10 +67,42 @@ def test_a_rate_that_wrecks_the_model_backs_off_to_one_that_does_not(digits_dama
     assert report.summary["epochs"][-1]["heldout_top1"] == report.summary["held-out accuracy after"]
     assert len([w for w in report.warnings if "restarted from the starting weights" in w]) == len(offs)
     # the restart starts from the given weights, not from the wrecked ones: same as asking for the rate directly
-    _, direct = tf.finetune(original, "digits", epochs=1, lr=report.summary["lr"], distill=False, backoff=0)
+    _, direct = tf.finetune(original, "digits", epochs=1, lr=report.summary["lr"], distill=False, backoff=0,
+                            keep="last")
     assert direct.summary["held-out accuracy after"] == report.summary["held-out accuracy after"]
     with pytest.raises(PipelineError, match="backoff"):
         tf.finetune(original, "digits", backoff=-1)
+
+
+def test_a_fine_tune_that_only_hurts_returns_the_model_it_was_given(digits_damaged):
+    original, _ = digits_damaged
+    x, _ = get_task("digits").test_data()
+    _, last = tf.finetune(original, "digits", epochs=1, lr=0.01, distill=False, backoff=0, keep="last")
+    before = last.summary["held-out accuracy before"]
+    assert last.summary["held-out accuracy after"] < before - 0.1            # Adam at 0.01 hurts a trained model
+    kept, report = tf.finetune(original, "digits", epochs=1, lr=0.01, distill=False, backoff=0)  # keep=best
+    assert report.summary["epochs"][-1]["heldout_top1"] == last.summary["held-out accuracy after"]
+    assert report.summary["held-out accuracy after"] == before
+    assert report.summary["kept"].startswith("the starting weights")
+    assert any("returned as it was given" in w for w in report.warnings)
+    np.testing.assert_array_equal(predict(kept, x), predict(original, x))  # the very weights it was given
+    with pytest.raises(PipelineError, match="keep"):
+        tf.finetune(original, "digits", keep="first")
+
+
+def test_a_run_that_ends_below_its_start_backs_off_without_collapsing(digits_damaged):
+    original, _ = digits_damaged
+    # Adam at 3e-3: 1.0 -> 0.993 held out in one epoch, too small a fall to count as a collapse
+    _, last = tf.finetune(original, "digits", epochs=1, lr=0.003, distill=False, backoff=1, keep="last")
+    before = last.summary["held-out accuracy before"]
+    assert "lr back-offs" not in last.summary and last.summary["held-out accuracy after"] < before
+    _, report = tf.finetune(original, "digits", epochs=1, lr=0.003, distill=False, backoff=1)
+    (off,) = report.summary["lr back-offs"]
+    assert off["lr"] == pytest.approx(0.003) and "heldout" not in off
+    assert off["ended"] == last.summary["held-out accuracy after"]
+    assert "no epoch reached the starting held-out accuracy" in off["why"]
+    assert report.summary["lr"] == pytest.approx(0.0003)
+    assert report.summary["held-out accuracy after"] >= before
 
 
 @pytest.mark.parametrize("before, held, constant, expected", [
