@@ -72,6 +72,7 @@ def assemble(plan: dict, run, table: dict | None, selection: dict | None, recipe
         "prediction": predicted, "latency_table": table, "selection": selection,
         "pipeline": recipe.pipeline_text(), "int8": int8, "int8_first": run.first,
         "factor_goal_ms": None if selection is None else run.factor_goal_ms(table), "finetune_epochs": recipe.finetune_epochs,
+        "finetune": run.finetune,
         "compress": {k: compress_report.get(k) for k in ("params_before", "params_after", "flops_before",
                                                           "flops_after", "params_ratio", "flops_ratio")},
         "artifact": artifact, "measure": measured, "data": plan["data_name"],
@@ -107,6 +108,8 @@ def markdown(report: dict, out: str) -> str:
     first = report.get("int8_first")
     if first is not None:
         lines += ["## int8 first", "", _int8_first_text(first, report), ""]
+    if report.get("finetune"):
+        lines += ["## Fine-tuning", "", _finetune_text(report["finetune"]), ""]
     table = report["latency_table"]
     if table is not None:
         sel = report["selection"]
@@ -208,3 +211,18 @@ def _int8_first_text(first: dict, report: dict) -> str:
         text += (f" On the factorized model int8 gave {shortfall['realized_gain']:.2f}x, not "
                  f"{shortfall['expected_gain']:.2f}x, so the factors were selected again for that.")
     return text
+
+
+def _finetune_text(summary: dict) -> str:
+    """The fine-tune's held-out scores, the weights it kept and the rates it gave up."""
+    metric = "accuracy" if "held-out accuracy before" in summary else "MSE"
+    epochs = summary.get("epochs") or []
+    text = (f"{len(epochs)} epoch(s) on {summary.get('training samples')} training samples, teacher "
+            f"{summary.get('teacher')}: held-out {metric} {summary.get(f'held-out {metric} before')} -> "
+            f"{summary.get(f'held-out {metric} after')}")
+    if summary.get("kept"):
+        text += f"; kept: {summary['kept']}"
+    offs = summary.get("lr back-offs") or []
+    if offs:
+        text += "; rates given up: " + "; ".join(f"lr {b['lr']:g} ({b['why']})" for b in offs)
+    return text + "."

@@ -167,6 +167,7 @@ class _Deploy:
         self._cache = None
         self.first = None  # int8 on the original (int8_first), when a selection runs
         self.int8_gain = 1.0  # what int8 is counted on to divide the latency by (factor_goal_ms)
+        self.finetune = None  # the fine-tune's summary (held-out before / after, the weights kept), when it ran
 
     @property
     def cache(self) -> lat.LatencyCache:
@@ -437,16 +438,20 @@ class _Deploy:
             return graph, key
         import tensorfold as tf
 
-        key = fingerprint("finetuned/1", key, plan["train_name"], recipe.finetune_epochs)
-        if self.stages.load("finetuned", key) is not None:
+        # "/2": fine-tunes keep their best held-out weights since fe567f8; older stages do not
+        key = fingerprint("finetuned/2", key, plan["train_name"], recipe.finetune_epochs)
+        stored = self.stages.load("finetuned", key)
+        if stored is not None:
             self.say("fine-tune: reused from stages/")
+            self.finetune = stored.get("summary")
             return self.stages.load_graph("finetuned"), key
         self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) on {plan['training'].what}, distilled from the "
                  "original")
         trained, report = tf.finetune(graph, _pair(plan["training"]),
                                       epochs=recipe.finetune_epochs, teacher=teacher, progress=self.progress)
         files = [self.stages.save_graph("finetuned", trained)]
-        self.stages.save("finetuned", key, {"summary": json.loads(json.dumps(report.summary, default=str))}, files)
+        self.finetune = json.loads(json.dumps(report.summary, default=str))
+        self.stages.save("finetuned", key, {"summary": self.finetune}, files)
         return self.stages.load_graph("finetuned"), key
 
     def int8(self, graph: Graph, key: str, recipe: Recipe, unchanged: bool = False):

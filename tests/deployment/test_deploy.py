@@ -365,6 +365,28 @@ def test_with_train_data_a_model_with_no_layer_replaced_is_not_fine_tuned(env, m
     assert "finetune_epochs = 0" in (out / "recipe.toml").read_text()  # what was done, not what was asked
 
 
+def test_the_fine_tune_is_in_the_report_with_the_weights_it_kept(env, monkeypatch, tmp_path):
+    import numpy as np
+
+    root, _ = env
+    _flop_table(monkeypatch, tmp_path)
+    _scripted_checks(monkeypatch, [0.95] * 3)
+    _scripted_int8(monkeypatch, [0.8])  # int8 not kept: the factors carry the goal, so layers are replaced
+    rng = np.random.default_rng(0)
+    training = (rng.standard_normal((40, 32, 32, 32)).astype(np.float32), rng.integers(0, 10, 40))
+    out = root / "fine-tuned"
+    runs = [deploy(_conv_graph(), "x86", out, speedup=2.0, calibration=_calibration(), train_data=training,
+                   finetune_epochs=1, rounds=ROUNDS, progress=False) for _ in range(2)]
+    first, again = (r.report for r in runs)
+    assert any(v != "original" for v in first["selection"]["choices"].values())
+    summary = first["finetune"]
+    assert summary["held-out accuracy after"] >= summary["held-out accuracy before"]  # never handed back worse
+    assert summary["kept"] and len(summary["epochs"]) >= 1
+    text = (out / "report.md").read_text()
+    assert "## Fine-tuning" in text and f"kept: {summary['kept']}" in text
+    assert "finetuned" in again["stages_reused"] and again["finetune"] == summary  # a resumed deploy says it too
+
+
 def test_int8_giving_less_on_the_factorized_model_makes_the_factors_selected_again(env, monkeypatch, tmp_path):
     root, _ = env
     _flop_table(monkeypatch, tmp_path)  # goals 0.75 and 0.55 of the original choose different factors
