@@ -24,6 +24,7 @@ import os
 import tempfile
 
 import tensorfold as tf
+from tensorfold.deployment.recipe import FINETUNE_LR
 from tensorfold.models import resolve, task_name
 from tensorfold.passes.ranks import policy as rp
 from tensorfold.targets.registry import host_cpu
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", action="store_true",
                         help="tasks: fine-tune deploy's model and the FLOP-based one on the task's training split")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="with --train-data (default 3)")
+    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                        help=f"with --train-data: Adam's rate for both (default deploy's, {FINETUNE_LR:g})")
     parser.add_argument("--work-dir", help="deploy output folders (default: a temporary folder)")
     parser.add_argument("--report", help="write the rows as JSON here")
     return parser
@@ -74,7 +77,8 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     task = task_name(model)
     if args.train_data and task is None:
         raise SystemExit(f"--train-data: {model} is not a task, so it has no training split")
-    training = {"train_data": task, "finetune_epochs": args.finetune_epochs} if args.train_data else {}
+    training = ({"train_data": task, "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr}
+                if args.train_data else {})
     deployed = tf.deploy(given, args.target, out, speedup=speedup, rounds=args.rounds, progress=True, **training)
     report = deployed.report
     folded, _ = tf.compress(original, "fold_bn")
@@ -82,7 +86,8 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
     b = budget_fraction(folded, ratio)
     flops_based, flops_report = tf.compress(original, f"fold_bn, tucker2(budget=flops:{b:.4f})")
     if training:  # the same epochs, distilled from the same teacher as deploy's
-        flops_based, _ = tf.finetune(flops_based, task, epochs=args.finetune_epochs, teacher=folded, progress=True)
+        flops_based, _ = tf.finetune(flops_based, task, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                                     teacher=folded, progress=True)
     candidates = [("original", original), ("deploy", deployed.graph), ("flops-based", flops_based)]
     if report["int8"].get("int8"):  # deploy's fp32 model too: the same FLOPs as flops-based, before int8
         stages = os.path.join(out, "stages")
@@ -110,8 +115,10 @@ def run_one(model: str, speedup: float, args, work: str) -> dict:
             report["prediction"]["predicted_ms"], "deploy_measured_ms": report["verdict"]["deployed_ms"],
             "prediction_error": report["prediction"]["error"], "pipeline": report["pipeline"],
             "flops_ratio": ratio, "finetune_epochs": args.finetune_epochs if training else 0,
+            "finetune_lr": args.finetune_lr if training else None, "deploy_finetune": report.get("finetune"),
             "flops_based_pipeline": f"fold_bn, tucker2(budget=flops:{b:.4f})"
-                                    + (f", finetune(epochs={args.finetune_epochs})" if training else ""),
+                                    + (f", finetune(epochs={args.finetune_epochs}, lr={args.finetune_lr:g})"
+                                       if training else ""),
             "flops_based_flops_ratio": flops_report.flops_after / flops_report.flops_before,
             "same_run": {"original_ms": ms("original"), "deploy_ms": ms("deploy"), "flops_based_ms": ms("flops-based"),
                          "deploy_speedup": ms("original") / ms("deploy"),

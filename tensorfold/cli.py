@@ -229,7 +229,8 @@ def _deploy(args: argparse.Namespace) -> int:
                     engine=args.engine, tune_trials=args.tune_trials, recipe=args.recipe,
                     finetune_epochs=args.finetune_epochs, threads=args.threads, rpc_tracker=args.rpc_tracker,
                     rpc_key=args.rpc_key, input_shape=args.input_shape, weights=args.weights, rounds=args.rounds,
-                    progress=not args.quiet)
+                    progress=not args.quiet,
+                    **({} if args.finetune_lr is None else {"finetune_lr": args.finetune_lr}))
     verdict = result.report["verdict"]
     print(f"{'MET' if verdict['met'] else 'NOT MET'}: {verdict['summary']}")
     print(f"pipeline: {result.report['pipeline']}" + ("; int8" if result.report["int8"].get("int8") else ""))
@@ -335,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a task name or an ImageFolder; no fine-tuning without it)")
     deploy.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning with --train-data "
                         "(default 1)")
+    deploy.add_argument("--finetune-lr", type=float, help="Adam's learning rate for that fine-tuning (default "
+                        "1e-4; backs off to a tenth when a run only hurts; docs/deploy.md)")
     deploy.add_argument("--engine", help="the engine latencies are measured on: onnxruntime (default on x86) or tvm "
                         "(TVM over RPC on remote targets)")
     deploy.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the artifact (default 0)")

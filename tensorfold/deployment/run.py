@@ -21,7 +21,7 @@ from tensorfold.runtime.engines import default_threads
 
 from . import candidates as cand
 from . import latency as lat
-from .recipe import LayerChoice, Recipe, read as read_recipe
+from .recipe import FINETUNE_LR, LayerChoice, Recipe, read as read_recipe
 from .select import Group, Option, select
 from .stages import Stages, fingerprint, graph_fingerprint
 
@@ -40,7 +40,7 @@ class DeployResult:
 def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float | None = None,
            latency_ms: float | None = None, max_drop: float = 1.0, data: Any = None, calibration: Any = None,
            train_data: Any = None, engine: str | None = None, tune_trials: int = 0, recipe: str | None = None,
-           finetune_epochs: int = 1, threads: int | None = None, rates=cand.RATES, rpc_tracker: str | None = None,
+           finetune_epochs: int = 1, finetune_lr: float = FINETUNE_LR, threads: int | None = None, rates=cand.RATES, rpc_tracker: str | None = None,
            rpc_key: str | None = None, input_shape=None, weights: str | None = None, rounds: int = 20,
            progress: bool = True) -> DeployResult:
     """Compress `model` for `target` to reach `speedup` (x, default 2) or `latency_ms`, measured on the target.
@@ -53,7 +53,8 @@ def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float 
     no selection). Raises TensorfoldError before writing anything when an input is bad.
     """
     plan = _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine,
-                     recipe, finetune_epochs, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials)
+                     recipe, finetune_epochs, finetune_lr, threads, rpc_tracker, rpc_key, input_shape, weights,
+                     tune_trials)
     run = _Deploy(plan, rates, rounds, progress, _Say(progress))
     if plan["target"].placement.kind != "local" and plan["recipe"] is None:
         run.engine  # an unreachable tracker or server fails here, before OUT is written
@@ -68,7 +69,7 @@ def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float 
 # ---- validation: everything that can fail on bad input fails here, before OUT is touched ----------
 
 def _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine, recipe,
-              finetune_epochs, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials) -> dict:
+              finetune_epochs, finetune_lr, threads, rpc_tracker, rpc_key, input_shape, weights, tune_trials) -> dict:
     from tensorfold.targets import get_target
     from tensorfold.targets.rpc import placed
 
@@ -84,6 +85,8 @@ def _validate(model, target, out, speedup, latency_ms, max_drop, data, calibrati
         raise TensorfoldError(f"deploy: --max-drop {max_drop:g} must be >= 0 (accuracy points)")
     if tune_trials < 0 or finetune_epochs < 0:
         raise TensorfoldError("deploy: --tune-trials and --finetune-epochs must be >= 0")
+    if not finetune_lr > 0:
+        raise TensorfoldError(f"deploy: --finetune-lr {finetune_lr:g} must be positive")
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise TensorfoldError(f"deploy: -o {out} is a file; give a folder")
@@ -133,6 +136,7 @@ def _validate(model, target, out, speedup, latency_ms, max_drop, data, calibrati
             "eval_data": (images, labels) if labels is not None else None, "feeds": feeds,
             "calibration_name": calibration_name, "training": training, "train_name": _train_name(train_data),
             "recipe": fixed, "recipe_path": recipe, "finetune_epochs": finetune_epochs if training else 0,
+            "finetune_lr": finetune_lr,
             "threads": threads or default_threads(), "tune_trials": tune_trials}
 
 
@@ -346,7 +350,8 @@ class _Deploy:
 
     def recipe_of(self, table: dict, selection: dict) -> Recipe:
         return Recipe([LayerChoice(l["layer"], *_parse_key(selection["choices"][l["layer"]]))
-                       for l in table["layers"]], finetune_epochs=self.plan["finetune_epochs"])
+                       for l in table["layers"]], finetune_epochs=self.plan["finetune_epochs"],
+                        finetune_lr=self.plan["finetune_lr"])
 
     def corrected(self, original: Graph, folded: Graph, table: dict, selection: dict, recipe: Recipe,
                   compressed: Graph, compress_report: dict, key: str):
@@ -439,16 +444,16 @@ class _Deploy:
         import tensorfold as tf
 
         # "/2": fine-tunes keep their best held-out weights since fe567f8; older stages do not
-        key = fingerprint("finetuned/2", key, plan["train_name"], recipe.finetune_epochs)
+        key = fingerprint("finetuned/2", key, plan["train_name"], recipe.finetune_epochs, recipe.finetune_lr)
         stored = self.stages.load("finetuned", key)
         if stored is not None:
             self.say("fine-tune: reused from stages/")
             self.finetune = stored.get("summary")
             return self.stages.load_graph("finetuned"), key
-        self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) on {plan['training'].what}, distilled from the "
+        self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) at lr {recipe.finetune_lr:g} on {plan['training'].what}, distilled from the "
                  "original")
         trained, report = tf.finetune(graph, _pair(plan["training"]),
-                                      epochs=recipe.finetune_epochs, teacher=teacher, progress=self.progress)
+                                      epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, teacher=teacher, progress=self.progress)
         files = [self.stages.save_graph("finetuned", trained)]
         self.finetune = json.loads(json.dumps(report.summary, default=str))
         self.stages.save("finetuned", key, {"summary": self.finetune}, files)
