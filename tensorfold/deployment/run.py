@@ -40,9 +40,9 @@ class DeployResult:
 def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float | None = None,
            latency_ms: float | None = None, max_drop: float = 1.0, data: Any = None, calibration: Any = None,
            train_data: Any = None, engine: str | None = None, tune_trials: int = 0, recipe: str | None = None,
-           finetune_epochs: int = 1, finetune_lr: float = FINETUNE_LR, threads: int | None = None, rates=cand.RATES, rpc_tracker: str | None = None,
-           rpc_key: str | None = None, input_shape=None, weights: str | None = None, rounds: int = 20,
-           progress: bool = True) -> DeployResult:
+           finetune_epochs: int = 1, finetune_lr: float = FINETUNE_LR, threads: int | None = None,
+           rates=cand.RATES, rpc_tracker: str | None = None, rpc_key: str | None = None, input_shape=None,
+           weights: str | None = None, rounds: int = 20, progress: bool = True) -> DeployResult:
     """Compress `model` for `target` to reach `speedup` (x, default 2) or `latency_ms`, measured on the target.
 
     model: what `tensorfold compress` takes (a task name, .onnx, torchvision:<arch>, pkg.mod:fn) or a Graph.
@@ -50,7 +50,9 @@ def deploy(model: Any, target: str = "x86", out: str = "deploy", speedup: float 
     per-layer latencies measured on `engine` (default onnxruntime on x86, TVM over RPC for remote targets);
     see docs/deploy.md. Writes OUT/model.onnx, OUT/artifact/, OUT/report.json, OUT/report.md,
     OUT/recipe.toml and OUT/stages/. `recipe`: a recipe.toml that fixes every choice (no latency table,
-    no selection). Raises TensorfoldError before writing anything when an input is bad.
+    no selection). With `train_data`, the result is fine-tuned for `finetune_epochs` at Adam `finetune_lr`,
+    distilled from the original, keeping its best held-out weights. Raises TensorfoldError before writing
+    anything when an input is bad.
     """
     plan = _validate(model, target, out, speedup, latency_ms, max_drop, data, calibration, train_data, engine,
                      recipe, finetune_epochs, finetune_lr, threads, rpc_tracker, rpc_key, input_shape, weights,
