@@ -353,7 +353,7 @@ class _Deploy:
     def recipe_of(self, table: dict, selection: dict) -> Recipe:
         return Recipe([LayerChoice(l["layer"], *_parse_key(selection["choices"][l["layer"]]))
                        for l in table["layers"]], finetune_epochs=self.plan["finetune_epochs"],
-                        finetune_lr=self.plan["finetune_lr"])
+                      finetune_lr=self.plan["finetune_lr"])
 
     def corrected(self, original: Graph, folded: Graph, table: dict, selection: dict, recipe: Recipe,
                   compressed: Graph, compress_report: dict, key: str):
@@ -452,10 +452,11 @@ class _Deploy:
             self.say("fine-tune: reused from stages/")
             self.finetune = stored.get("summary")
             return self.stages.load_graph("finetuned"), key
-        self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) at lr {recipe.finetune_lr:g} on {plan['training'].what}, distilled from the "
-                 "original")
+        self.say(f"fine-tune: {recipe.finetune_epochs} epoch(s) at lr {recipe.finetune_lr:g} on "
+                 f"{plan['training'].what}, distilled from the original")
         trained, report = tf.finetune(graph, _pair(plan["training"]),
-                                      epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, teacher=teacher, progress=self.progress)
+                                      epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, teacher=teacher,
+                                      progress=self.progress)
         files = [self.stages.save_graph("finetuned", trained)]
         self.finetune = json.loads(json.dumps(report.summary, default=str))
         self.stages.save("finetuned", key, {"summary": self.finetune}, files)
