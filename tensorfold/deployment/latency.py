@@ -14,7 +14,10 @@ untimed pause), so the overhead (end to end minus the layers) holds what one cal
 beyond its layers: on this machine about 0.25 ms, which dominates a model as small as digits. It is
 timed in three blocks of BLOCK_ROUNDS (before, amid and after the layers) and the block with the lowest
 median is kept: a neighbour's load only ever adds time, and one loaded block (55 ms against 18 ms for
-ResNet-18 on digits, measured here) would otherwise become a fictitious overhead. Results are cached per (target,
+ResNet-18 on digits, measured here) would otherwise become a fictitious overhead. A decision between two
+whole models (the compressed model's share of the original's time; int8 against fp32) rests on their ratio
+(`paired_ratio`): the median of the per-round ratios, with rounds added until its 95 % interval is within
+RATIO_PRECISION (a 20-round ratio of medians once read 0.517 for a model at 0.575). Results are cached per (target,
 engine, threads, layer kind + shape + attributes, replacement + ranks) in a JSON file under
 `$TENSORFOLD_LATENCY_DIR`, else `$XDG_CACHE_HOME/tensorfold/latency`, else `~/.cache/tensorfold/latency`.
 """
@@ -49,6 +52,9 @@ ROUNDS, WARMUP, SAMPLE_MS, GAP_S = 15, 3, 2.0, 0.002
 NOISY_IQR, NOISE_FLOOR_MS, RETRIES = 0.25, 0.02, 2
 END_TO_END_ROUNDS = 20
 BLOCK_ROUNDS = 10  # the original end to end: three blocks of these, the one with the lowest median kept
+# a ratio two models are compared by: END_TO_END_ROUNDS more rounds while its 95 % interval is wider than
+# +-RATIO_PRECISION (relative), up to RATIO_MAX_ROUNDS
+RATIO_PRECISION, RATIO_MAX_ROUNDS = 0.02, 80
 ENGINES = (ort_engine.NAME, tvm_engine.LOCAL, tvm_engine.REMOTE)
 OPSET = 17
 # asking the tracker again for a device this process has just released: the server re-registers first
@@ -264,12 +270,13 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
 
 
 def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = END_TO_END_ROUNDS,
-               warm: bool = False) -> dict[str, dict]:
+               warm: bool = False, ratio: tuple[str, str] | None = None) -> dict[str, dict]:
     """Whole models timed interleaved on the latency engine (batch as captured).
 
     Default: as `tf.measure` times them, single calls each after an untimed GAP pause (what one
     inference after idle costs, the figure the verdict checks). warm=True: like the layers, each sample
-    the median of back-to-back calls (steady state)."""
+    the median of back-to-back calls (steady state). ratio=(base, other): the result's "ratio" holds
+    `paired_ratio` of other to base, timed until it is precise (see RATIO_PRECISION)."""
     from tensorfold.runtime.timing import GAP_S as MEASURE_GAP_S, Timing
 
     runners = {}
@@ -277,6 +284,7 @@ def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = EN
         for name, graph in graphs.items():
             runners[name] = engine.prepare(graph, f"end-to-end {name} {id(graph)}")
         shapes = {name: tuple(g.inputs[0].shape) for name, g in graphs.items()}
+        measured = None
         if warm:
             timers = [_sampler(r, shapes[n]) for n, r in runners.items()]
             timings = interleaved(timers, rounds, WARMUP, gap_s=GAP_S)
@@ -288,28 +296,51 @@ def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = EN
             for _ in range(WARMUP):
                 for timer in timers:
                     timer()
-            samples = [[] for _ in timers]
-            for _ in range(rounds):
-                for i, timer in enumerate(timers):
-                    time.sleep(MEASURE_GAP_S)
-                    samples[i].append(timer() * 1e3)
-            timings = [Timing(s) for s in samples]
-        return {name: {**t.to_json(), "emulated": engine.emulated} for name, t in zip(runners, timings)}
+            samples = {name: [] for name in runners}
+            block = rounds
+            while True:
+                for _ in range(block):
+                    for name, timer in zip(runners, timers):
+                        time.sleep(MEASURE_GAP_S)
+                        samples[name].append(timer() * 1e3)
+                if ratio is None:
+                    break
+                measured = paired_ratio(samples[ratio[0]], samples[ratio[1]])
+                if measured["precision"] <= RATIO_PRECISION or measured["rounds"] >= RATIO_MAX_ROUNDS:
+                    break
+                block = END_TO_END_ROUNDS
+            timings = [Timing(samples[name]) for name in runners]
+        result = {name: {**t.to_json(), "emulated": engine.emulated} for name, t in zip(runners, timings)}
+        if measured is not None:
+            result["ratio"] = {"of": f"{ratio[1]} / {ratio[0]}", **measured}
+        return result
     finally:
         for runner in runners.values():
             runner.close()
 
 
+def paired_ratio(base_ms, other_ms) -> dict:
+    """other / base from samples timed in the same rounds: the median of the per-round ratios (a load that
+    slows a round slows both of its calls) and its distribution-free 95 % interval (the order statistics
+    n/2 -+ 0.98 sqrt(n) of the sorted ratios); precision: the interval's half width over the median."""
+    ratios = np.sort(np.asarray(other_ms, dtype=float) / np.asarray(base_ms, dtype=float))
+    n = ratios.size
+    k = max(int(math.floor((n - 1.96 * math.sqrt(n)) / 2)), 0)
+    median, low, high = float(np.median(ratios)), float(ratios[k]), float(ratios[n - 1 - k])
+    return {"median": round(median, 4), "low": round(low, 4), "high": round(high, 4),
+            "precision": round((high - low) / 2 / median, 4), "rounds": int(n)}
+
+
 def cached_end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, cache: LatencyCache,
-                      key: str) -> tuple[dict[str, dict], bool]:
+                      key: str, ratio: tuple[str, str] | None = None) -> tuple[dict[str, dict], bool]:
     """`end_to_end` of `graphs` (single calls after a pause), or the timings an earlier deploy stored under
     `key` for the same models timed together: a second deploy measures nothing twice and decides what the
     first decided (an int8 gain within the noise once flipped the recipe of a resumed deploy).
     Returns the timings and whether they came from the cache."""
     hit = cache.get(key)
-    if hit is not None and all(name in hit for name in graphs):
-        return {name: hit[name] for name in graphs}, True
-    timed = end_to_end(graphs, engine)
+    if hit is not None and all(name in hit for name in graphs) and (ratio is None or "ratio" in hit):
+        return {name: hit[name] for name in (*graphs, *(["ratio"] if ratio else []))}, True
+    timed = end_to_end(graphs, engine, ratio=ratio)
     cache.put({key: {**timed, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}})
     return timed, False
 

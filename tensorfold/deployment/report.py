@@ -143,13 +143,16 @@ def markdown(report: dict, out: str) -> str:
         checks = sel.get("checks") or []
         if checks:
             lines += ["Checked on the whole model (the compressed fp32 model timed against the original in one "
-                      "interleaved run); when it missed the goal, or beat it by more than a tenth, the goal was "
-                      "scaled by the prediction's error and the selection run again. Delivered: the least summed "
-                      "error among the attempts that met the goal as measured, else the fastest:", "",
-                      "| attempt | goal correction | predicted ratio | measured ratio | goal ratio | summed error | "
-                      "delivered |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-            lines += [f"| {i + 1} | {c['correction']:.3f} | {c['predicted_ratio']:.3f} | {c['measured_ratio']:.3f} | "
-                      f"{c['goal_ratio']:.3f} | {c.get('total_error', float('nan')):.4f} | "
+                      "interleaved run; the measured ratio is the median of the per-round ratios, with its 95 % "
+                      "interval and the rounds it took); when it missed the goal, or beat it by more than a tenth, "
+                      "the goal was scaled by the prediction's error and the selection run again. Delivered: the "
+                      "least summed error among the attempts that met the goal as measured, else the fastest:", "",
+                      "| attempt | goal correction | predicted ratio | measured ratio (95 %, rounds) | goal ratio | "
+                      "summed error | delivered |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            lines += [f"| {i + 1} | {c['correction']:.3f} | {c['predicted_ratio']:.3f} | {c['measured_ratio']:.3f}"
+                      + (f" ({c['ratio_interval'][0]:.3f}-{c['ratio_interval'][1]:.3f}, {c['rounds']})"
+                         if "ratio_interval" in c else "")
+                      + f" | {c['goal_ratio']:.3f} | {c.get('total_error', float('nan')):.4f} | "
                       f"{'**yes**' if c.get('delivered') else ''} |" for i, c in enumerate(checks)]
             lines.append("")
         lines += ["## Per-layer decisions", "",
@@ -179,7 +182,7 @@ def markdown(report: dict, out: str) -> str:
                      f" ({steady['original'] / steady['deployed']:.2f}x)." if steady.get("deployed") else ""), ""]
     int8 = report["int8"]
     lines += [f"int8: {'kept' if int8.get('int8') else 'not kept'} ({int8.get('reason')})"
-              + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms"
+              + (f"; fp32 {_ms(int8['fp32_ms'])} ms vs int8 {_ms(int8['int8_ms'])} ms" + _ratio_text(int8)
                  + (" (emulated)" if int8.get("emulated") else "") + f", {int8.get('accuracy')}"
                  if "fp32_ms" in int8 else "") + ".", "",
               "| model | engine | median ms | top-1 |", "| --- | --- | ---: | ---: |"]
@@ -204,6 +207,7 @@ def _int8_first_text(first: dict, report: dict) -> str:
     if not first.get("int8"):
         return f"int8 on the original: not kept ({first.get('reason')}); the factors are asked for the whole goal."
     text = (f"int8 on the original: {_ms(first['fp32_ms'])} ms -> {_ms(first['int8_ms'])} ms, {first['gain']:.2f}x"
+            + _ratio_text(first)
             + (" (emulated)" if first.get("emulated") else "") + f", {first.get('accuracy')}. The factors are asked "
             f"for the rest: the fp32 factorized model's goal is {_ms(report['factor_goal_ms'])} ms.")
     shortfall = first.get("shortfall")
@@ -226,3 +230,12 @@ def _finetune_text(summary: dict) -> str:
     if offs:
         text += "; rates given up: " + "; ".join(f"lr {b['lr']:g} ({b['why']})" for b in offs)
     return text + "."
+
+
+def _ratio_text(decision: dict) -> str:
+    """The paired int8 / fp32 ratio a decision rests on (decisions stored before it existed have none)."""
+    if "int8_ratio" not in decision:
+        return ""
+    low, high = decision["ratio_interval"]
+    return (f" (int8 / fp32: median of per-round ratios {decision['int8_ratio']:.3f}, 95 % {low:.3f}-{high:.3f}, "
+            f"{decision['rounds']} rounds)")

@@ -293,7 +293,7 @@ class _Deploy:
         import tensorfold as tf
 
         plan = self.plan
-        key = fingerprint("int8-first/1", graph_fingerprint(folded), self.calibration_key, plan["max_drop"],
+        key = fingerprint("int8-first/2", graph_fingerprint(folded), self.calibration_key, plan["max_drop"],
                           self.engine_name, self.threads)
         stored = self.stages.load("int8_first", key)
         if stored is not None:
@@ -399,16 +399,19 @@ class _Deploy:
         return {**selection, "checks": [a[5] for a in attempts]}, recipe, compressed, compress_report, key
 
     def check(self, folded: Graph, compressed: Graph, key: str, attempt: int) -> dict:
-        key = fingerprint("check/1", key, self.engine_name, self.threads)
+        key = fingerprint("check/2", key, self.engine_name, self.threads)
         name = f"check-{attempt}"
         stored = self.stages.load(name, key)
         if stored is not None:
             return stored
         timed, cached = lat.cached_end_to_end(
             {"original": folded, "compressed": compressed}, self.engine, self.cache,
-            f"check | original {graph_fingerprint(folded)} | compressed {graph_fingerprint(compressed)}")
-        result = {"cached": cached, "original_ms": timed["original"]["median_ms"], "compressed_ms": timed["compressed"]["median_ms"],
-                  "measured_ratio": timed["compressed"]["median_ms"] / timed["original"]["median_ms"]}
+            f"check | original {graph_fingerprint(folded)} | compressed {graph_fingerprint(compressed)}",
+            ratio=("original", "compressed"))
+        ratio = timed["ratio"]
+        result = {"cached": cached, "original_ms": timed["original"]["median_ms"],
+                  "compressed_ms": timed["compressed"]["median_ms"], "measured_ratio": ratio["median"],
+                  "ratio_interval": [ratio["low"], ratio["high"]], "rounds": ratio["rounds"]}
         self.stages.save(name, key, result)
         return result
 
@@ -469,7 +472,7 @@ class _Deploy:
 
         plan = self.plan
         fixed = plan["recipe"]
-        key = fingerprint("int8/1", key, self.calibration_key, plan["max_drop"], self.engine_name,
+        key = fingerprint("int8/2", key, self.calibration_key, plan["max_drop"], self.engine_name,
                           None if fixed is None else fixed.int8, None if self.first is None else self.first["int8"])
         stored = self.stages.load("int8", key)
         if stored is not None:
@@ -507,10 +510,12 @@ class _Deploy:
         # int8 is a function of the fp32 graph and the calibration data: both name the pair in the cache
         timings, cached = lat.cached_end_to_end(
             {"fp32": fp32, "int8": int8}, self.engine, self.cache,
-            f"int8 vs fp32 | model {graph_fingerprint(fp32)} | calibration {self.calibration_key}")
-        fp32_ms, int8_ms = timings["fp32"]["median_ms"], timings["int8"]["median_ms"]
-        decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "engine": self.engine_name,
-                    "emulated": self.engine.emulated, "timing_cached": cached}
+            f"int8 vs fp32 | model {graph_fingerprint(fp32)} | calibration {self.calibration_key}",
+            ratio=("fp32", "int8"))
+        fp32_ms, int8_ms, ratio = timings["fp32"]["median_ms"], timings["int8"]["median_ms"], timings["ratio"]
+        decision = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "int8_ratio": ratio["median"],
+                    "ratio_interval": [ratio["low"], ratio["high"]], "rounds": ratio["rounds"],
+                    "engine": self.engine_name, "emulated": self.engine.emulated, "timing_cached": cached}
         images, labels = self.plan["images"], self.plan["labels"]
         if images is None:
             images = np.random.default_rng(0).standard_normal((64, *fp32.inputs[0].shape[1:])).astype(np.float32)
@@ -528,7 +533,7 @@ class _Deploy:
         else:
             agreement = acc.fidelity(outputs["int8"], outputs["fp32"])["top1_agreement"]
             drop, what = 100 * (1 - agreement), f"top-1 agreement with fp32 {100 * agreement:.2f} % (no labels)"
-        faster, within = int8_ms < fp32_ms, drop <= self.plan["max_drop"]
+        faster, within = ratio["median"] < 1.0, drop <= self.plan["max_drop"]
         decision.update(int8=bool(faster and within), drop_points=drop, accuracy=what,
                         reason=("int8 is faster and within --max-drop" if faster and within else
                                 "; ".join(r for r in (None if faster else f"int8 {int8_ms:.3f} ms is not faster than "
@@ -581,9 +586,11 @@ RELAX = 0.9  # a model measured faster than this fraction of the goal gives spee
 
 
 def _int8_gain(decision: dict) -> float:
-    """fp32 ms / int8 ms of an int8 decision that kept int8 on its own timing; 1 otherwise (not kept, or
-    kept by a recipe without timing)."""
-    return decision["fp32_ms"] / decision["int8_ms"] if decision["int8"] and "int8_ms" in decision else 1.0
+    """fp32 time / int8 time (the paired ratio's inverse) of an int8 decision that kept int8 on its own
+    timing; 1 otherwise (not kept, or kept by a recipe without timing)."""
+    if not decision["int8"] or "int8_ms" not in decision:
+        return 1.0
+    return 1.0 / decision["int8_ratio"] if "int8_ratio" in decision else decision["fp32_ms"] / decision["int8_ms"]
 
 
 def _pair(labelled) -> tuple[np.ndarray, np.ndarray]:
