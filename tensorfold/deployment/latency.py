@@ -52,7 +52,7 @@ ROUNDS, WARMUP, SAMPLE_MS, GAP_S = 15, 3, 2.0, 0.002
 NOISY_IQR, NOISE_FLOOR_MS, RETRIES = 0.25, 0.02, 2
 END_TO_END_ROUNDS = 20
 BLOCK_ROUNDS = 10  # the original end to end: three blocks of these, the one with the lowest median kept
-# a ratio two models are compared by: END_TO_END_ROUNDS more rounds while its 95 % interval is wider than
+# a ratio two models are compared by: blocks of END_TO_END_ROUNDS while its 95 % interval is wider than
 # +-RATIO_PRECISION (relative), up to RATIO_MAX_ROUNDS
 RATIO_PRECISION, RATIO_MAX_ROUNDS = 0.02, 80
 ENGINES = (ort_engine.NAME, tvm_engine.LOCAL, tvm_engine.REMOTE)
@@ -270,13 +270,15 @@ def measure_groups(groups: list[LayerCandidates], engine: LatencyEngine, cache: 
 
 
 def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = END_TO_END_ROUNDS,
-               warm: bool = False, ratio: tuple[str, str] | None = None) -> dict[str, dict]:
+               warm: bool = False, ratio: tuple[str, str] | None = None,
+               max_rounds: int = RATIO_MAX_ROUNDS) -> dict[str, dict]:
     """Whole models timed interleaved on the latency engine (batch as captured).
 
     Default: as `tf.measure` times them, single calls each after an untimed GAP pause (what one
     inference after idle costs, the figure the verdict checks). warm=True: like the layers, each sample
     the median of back-to-back calls (steady state). ratio=(base, other): the result's "ratio" holds
-    `paired_ratio` of other to base, timed until it is precise (see RATIO_PRECISION)."""
+    `paired_ratio` of other to base, timed in blocks of `rounds` until it is precise (see
+    RATIO_PRECISION) or `max_rounds` were timed."""
     from tensorfold.runtime.timing import GAP_S as MEASURE_GAP_S, Timing
 
     runners = {}
@@ -306,9 +308,9 @@ def end_to_end(graphs: dict[str, Graph], engine: LatencyEngine, rounds: int = EN
                 if ratio is None:
                     break
                 measured = paired_ratio(samples[ratio[0]], samples[ratio[1]])
-                if measured["precision"] <= RATIO_PRECISION or measured["rounds"] >= RATIO_MAX_ROUNDS:
+                if measured["precision"] <= RATIO_PRECISION or measured["rounds"] >= max_rounds:
                     break
-                block = END_TO_END_ROUNDS
+                block = min(rounds, max_rounds - measured["rounds"])
             timings = [Timing(samples[name]) for name in runners]
         result = {name: {**t.to_json(), "emulated": engine.emulated} for name, t in zip(runners, timings)}
         if measured is not None:

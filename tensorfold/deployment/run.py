@@ -230,6 +230,12 @@ class _Deploy:
         final.save(os.path.join(plan["out"], "model.onnx"))
         artifact = self.artifact(final, key)
         measured = self.measure(original, final, artifact)
+        if not self.engine.emulated:  # the speed-up checked as the decisions were: a precise paired ratio
+            self.say("timing original and deployed interleaved until their ratio is precise (the verdict)")
+            # as many rounds as tf.measure's, up to four times that while the ratio is not precise
+            measured["paired"] = lat.end_to_end({"original": folded, "deployed": final}, self.engine,
+                                                rounds=self.rounds, ratio=("original", "deployed"),
+                                                max_rounds=VERDICT_BLOCKS * self.rounds)["ratio"]
         if table is not None:  # the steady state as well: back to back, like the layers of the table
             self.say("timing original and deployed back to back (steady state)")
             measured["warm"] = lat.end_to_end({"original": folded, "deployed": final}, self.engine, warm=True)
@@ -581,6 +587,7 @@ class _Deploy:
 
 INT8_GAIN_KEPT = 0.95  # int8 on the factorized model giving less than this share of its gain on the original: select again
 MAX_CORRECTIONS = 2  # re-selections after timing the compressed model against the original
+VERDICT_BLOCKS = 4  # the verdict's paired timing: at most this many times tf.measure's rounds
 MAX_STEP = 1.5  # the most one whole-model check scales the goal by (either way)
 RELAX = 0.9  # a model measured faster than this fraction of the goal gives speed back for accuracy
 

@@ -32,8 +32,8 @@ def env(tmp_path_factory):
 
 
 def _count_measurements(monkeypatch) -> list:
-    """Every timing a deploy decides on: layers (time_runners) and whole models (end_to_end; the steady
-    state timed for the report at the end, warm=True, is not a decision)."""
+    """Every timing a deploy decides on: layers (time_runners) and whole models (end_to_end; the timings of
+    original and deployed at the end, for the verdict and the steady state, are not decisions)."""
     calls = []
     layers, whole = lat.time_runners, lat.end_to_end
 
@@ -42,7 +42,7 @@ def _count_measurements(monkeypatch) -> list:
         return layers(runners)
 
     def counting_whole(graphs, engine, *args, warm=False, **kwargs):
-        if not warm:
+        if sorted(graphs) != ["deployed", "original"]:
             calls.append(sorted(graphs))
         return whole(graphs, engine, *args, warm=warm, **kwargs)
     monkeypatch.setattr(lat, "time_runners", counting)
@@ -62,6 +62,14 @@ def test_first_deploy_measures_every_candidate_and_writes_its_reports(env):
         by_key = {c["key"]: c for c in layer["candidates"]}
         assert by_key[chosen[layer["layer"]]]["latency_ms"] <= by_key["original"]["latency_ms"]
     assert first.report["prediction"]["predicted_ms"] > 0
+    # the speed-up verdict rests on the paired ratio of original and deployed, timed until precise
+    paired, verdict = first.report["measure"]["paired"], first.report["verdict"]
+    assert ROUNDS <= paired["rounds"] <= deploy_run.VERDICT_BLOCKS * ROUNDS
+    assert paired["low"] <= paired["median"] <= paired["high"]
+    assert verdict["speedup"] == pytest.approx(1 / paired["median"])
+    assert verdict["speedup_interval"] == pytest.approx([1 / paired["high"], 1 / paired["low"]])
+    assert verdict["speed_met"] == (verdict["speedup"] >= 1.5)
+    assert "median of per-round ratios" in (root / "first" / "report.md").read_text()
 
 
 def test_a_second_deploy_measures_nothing_again(env, monkeypatch):

@@ -110,3 +110,34 @@ def test_a_cached_timing_without_its_ratio_is_measured_again(no_gap, tmp_path):
     assert not cached and timed["ratio"]["median"] == pytest.approx(0.575)
     again, cached = lat.cached_end_to_end(graphs, _ScriptedEngine({}), cache, "pair", ratio=("base", "other"))
     assert cached and again["ratio"] == timed["ratio"]
+
+
+def _paired(median, low, high, rounds=40):
+    return {"median": median, "low": low, "high": high, "rounds": rounds}
+
+
+def test_the_speed_verdict_rests_on_the_paired_ratio_not_on_the_ratio_of_medians():
+    from tensorfold.deployment.report import verdict_speed
+
+    # tf.measure's medians say 4.1x; the paired ratio, timed until precise, says 3.85x: not met
+    speed = verdict_speed(4.0, None, 8.2, 2.0, _paired(0.26, 0.255, 0.265))
+    assert not speed["met"] and speed["speedup"] == pytest.approx(1 / 0.26)
+    assert speed["of_medians"] == pytest.approx(4.1) and speed["interval"] == pytest.approx([1 / 0.265, 1 / 0.255])
+    assert "3.85x" in speed["text"] and "noise" not in speed["text"]
+    # an interval that spans the goal is said, whichever side the median falls
+    close = verdict_speed(4.0, None, 8.0, 2.0, _paired(0.249, 0.24, 0.26))
+    assert close["met"] and "within this machine's noise" in close["text"]
+    # no paired timing (emulated times): tf.measure's medians
+    assert verdict_speed(4.0, None, 8.2, 2.0, None)["met"]
+    # a latency goal is checked on the deployed model's median
+    assert not verdict_speed(None, 1.9, 8.2, 2.0, _paired(0.2, 0.19, 0.21))["met"]
+
+
+def test_the_blocks_follow_the_rounds_asked_and_stop_at_the_cap(no_gap):
+    graphs = {"base": _Graph("base"), "other": _Graph("other")}
+    rng = np.random.default_rng(3)
+    n = lat.WARMUP + 12
+    noisy = lat.end_to_end(graphs, _ScriptedEngine(_times(8.0 * (1 + 0.5 * rng.random(n)),
+                                                          4.6 * (1 + 0.5 * rng.random(n)))),
+                           rounds=3, ratio=("base", "other"), max_rounds=10)
+    assert noisy["ratio"]["rounds"] == 10  # 3 + 3 + 3 + 1: never past the cap
